@@ -1,0 +1,49 @@
+"""`mlx-omnimatte`: the command line. Each command lives in its own module;
+this one holds the group and the error policy (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mlx_omnimatte.errors import OmnimatteError
+
+from .convert import convert
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-omnimatte")
+def cli():
+    """Video layer decomposition (omnimatte) with MLX.
+
+    \b
+    Examples:
+      mlx-omnimatte convert Wan2.1_VAE.pth -o models/vae
+      mlx-omnimatte convert casper.safetensors -o models/transformer
+    """
+
+
+cli.add_command(convert)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except OmnimatteError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Write a converted model directory: config.json + safetensors (sharded past a
+size, with an index), built in a temporary sibling and renamed when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_omnimatte.errors import OmnimatteError
+
+from .core import Converted
+
+SHARD_BYTES = 4 << 30
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OmnimatteError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool):
+    """Yields a temporary directory that replaces `out` only if the block
+    finishes; on any error or interrupt it is removed and `out` is untouched."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_converted(out: Path, conv: Converted, metadata: dict, overwrite: bool = False,
+                    shard_bytes: int = SHARD_BYTES) -> Path:
+    with staged_dir(out, overwrite) as tmp:
+        shards, current, size = [], {}, 0
+        for name, arr in conv.tensors():
+            mx.eval(arr)
+            if current and size + arr.nbytes > shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = arr
+            size += arr.nbytes
+            if size >= shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+        if current or not shards:
+            shards.append(current)
+        meta = {k: str(v) for k, v in metadata.items()}
+        if len(shards) == 1:
+            mx.save_safetensors(str(tmp / "model.safetensors"), shards[0], metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                mx.save_safetensors(str(tmp / fname), shard, metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            index = {"metadata": meta, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            del shards
+        config = {**conv.config, "source": metadata}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, obj in conv.extra_json.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        for src, rel in conv.extra_files:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return Path(out)

@@ -1,0 +1,132 @@
+"""Compositing math on numpy arrays: the closed-form foreground, recomposition
+and putting layers over a new background.
+
+Conventions: colour ``[T, H, W, 3]``, alpha ``[T, H, W]`` or ``[T, H, W, 1]``,
+both float in [0, 1] (uint8 is accepted and scaled by 1/255). The layer model
+is ``video = alpha * fg + (1 - alpha) * bg``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import OmnimatteError
+
+EPS = 1e-3
+# Below this alpha the foreground colour is not recoverable (I - (1-a) bg is
+# quantization noise divided by ~0) and invisible anyway: it is set to 0.
+ALPHA_FLOOR = 1.0 / 255.0
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 / 255; float -> float32 unchanged."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    return x.astype(np.float32, copy=False)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Float in [0, 1] -> uint8 (rounded, clipped); uint8 passes through."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    return np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def alpha_channel(alpha: np.ndarray) -> np.ndarray:
+    """Alpha as float ``[..., H, W, 1]`` for broadcasting against colour."""
+    a = as_float(alpha)
+    return a if a.shape[-1:] == (1,) else a[..., None]
+
+
+def solve_foreground(
+    video: np.ndarray,
+    alpha: np.ndarray,
+    background: np.ndarray,
+    eps: float = EPS,
+    alpha_floor: float = ALPHA_FLOOR,
+) -> np.ndarray:
+    """Closed-form foreground ``clip((I - (1 - a) * bg) / (a + eps), 0, 1)``.
+
+    With ``I = a * fg + (1 - a) * bg`` exactly, the result is
+    ``fg * a / (a + eps)``: a relative bias of at most ``eps / (a + eps)``
+    (2% at a = 0.05, 0.1% at a = 1) and a recomposition error of at most
+    ``eps``. Where ``a < alpha_floor`` the foreground is set to 0.
+    """
+    i, bg, a = as_float(video), as_float(background), alpha_channel(alpha)
+    if i.shape != bg.shape or i.shape[:-1] != a.shape[:-1]:
+        raise OmnimatteError(
+            f"solve_foreground: shapes differ (video {i.shape}, alpha {a.shape}, background {bg.shape})"
+        )
+    fg = np.clip((i - (1.0 - a) * bg) / (a + eps), 0.0, 1.0)
+    return np.where(a >= alpha_floor, fg, 0.0).astype(np.float32)
+
+
+def recompose(alpha: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``a * fg + (1 - a) * bg`` in float32."""
+    a = alpha_channel(alpha)
+    return (a * as_float(foreground) + (1.0 - a) * as_float(background)).astype(np.float32)
+
+
+def _fit_background(background: np.ndarray, frames: int, size: tuple[int, int]) -> np.ndarray:
+    """A background image ``[H, W, 3]`` or video ``[T, H, W, 3]`` as a float
+    video of ``frames`` frames at ``size`` (W, H): resized bicubically, an
+    image repeated over time, a shorter video extended by mirroring, a longer
+    one trimmed."""
+    from .io.grid import mirror_indices, resize_frames
+
+    bg = np.asarray(background)
+    if bg.ndim == 3:
+        bg = bg[None]
+    if bg.ndim != 4 or bg.shape[-1] not in (3, 4):
+        raise OmnimatteError(f"background: expected [H, W, 3] or [T, H, W, 3], got {bg.shape}")
+    bg = bg[..., :3]
+    bg = as_float(resize_frames(bg, size, "bicubic"))
+    if bg.shape[0] == 1:
+        return np.broadcast_to(bg, (frames,) + bg.shape[1:])
+    return bg[mirror_indices(bg.shape[0], frames)]
+
+
+def composite(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]], background: np.ndarray
+) -> np.ndarray:
+    """Put foreground layers over a new background.
+
+    ``layers``: ``(alpha, fg)`` pairs, listed back to front (the first is
+    drawn first, the last ends on top), all of the same ``[T, H, W]`` grid.
+    ``background``: an image ``[H', W', 3]`` (repeated over time) or a video
+    ``[T', H', W', 3]`` (mirrored at its end if shorter, trimmed if longer),
+    resized to the layers' size. Returns float32 ``[T, H, W, 3]`` in [0, 1].
+    """
+    if not layers:
+        raise OmnimatteError("composite: no layers given")
+    _, fg0 = layers[0]
+    t, h, w = np.shape(fg0)[:3]
+    out = _fit_background(background, t, (w, h)).copy()
+    for k, (alpha, fg) in enumerate(layers):
+        a, f = alpha_channel(alpha), as_float(fg)
+        if f.shape != (t, h, w, 3) or a.shape != (t, h, w, 1):
+            raise OmnimatteError(
+                f"composite: layer {k} has fg {f.shape} and alpha {a.shape}, expected ({t}, {h}, {w}, 3)"
+            )
+        out = a * f + (1.0 - a) * out
+    return out.astype(np.float32)
+
+
+def over_checkerboard(alpha: np.ndarray, foreground: np.ndarray, square: int = 16) -> np.ndarray:
+    """The foreground over a light/dark gray checkerboard (for previews)."""
+    fg = as_float(foreground)
+    h, w = fg.shape[-3:-1]
+    yy, xx = np.mgrid[0:h, 0:w]
+    board = np.where(((yy // square) + (xx // square)) % 2 == 0, 0.8, 0.55).astype(np.float32)
+    a = alpha_channel(alpha)
+    return (a * fg + (1.0 - a) * board[..., None]).astype(np.float32)
+
+
+def rgba(alpha: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """uint8 straight (not premultiplied) RGBA ``[T, H, W, 4]``."""
+    a = to_uint8(alpha_channel(alpha))
+    return np.concatenate([to_uint8(foreground), a], axis=-1)

@@ -1,0 +1,6 @@
+"""The one error type users see: a single line, exit status 2 from the CLI."""
+
+
+class OmnimatteError(Exception):
+    """Bad input or an impossible request; the message is one line that names
+    the file or value at fault and what is wrong with it."""
