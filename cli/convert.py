@@ -1,4 +1,7 @@
-"""`mlx-omnimatte convert`: a PyTorch checkpoint -> a converted MLX directory."""
+"""`mlx-omnimatte convert`: PyTorch checkpoints -> converted MLX directories.
+
+One checkpoint gives one component directory; a Wan / Wan-Fun model folder
+(or its hub id) gives a whole bundle."""
 
 from __future__ import annotations
 
@@ -6,36 +9,71 @@ from pathlib import Path
 
 import click
 
+from mlx_omnimatte.convert.bundle import build_bundle, is_hub_id, is_model_folder, resolve_source
 from mlx_omnimatte.convert.core import DTYPES, SPEC_MODULES, convert as run_convert, detect
 from mlx_omnimatte.convert.readers import read_checkpoint
 from mlx_omnimatte.convert.writer import check_output, write_converted
+from mlx_omnimatte.errors import OmnimatteError
+
+EXPERT_KINDS = ("effect", "quality")
+
+
+def _expert_pairs(values) -> dict[str, Path]:
+    experts = {}
+    for v in values:
+        kind, sep, path = v.partition("=")
+        if not sep or kind not in EXPERT_KINDS or not path:
+            raise OmnimatteError(f"--expert {v}: expected effect=FILE or quality=FILE")
+        experts[kind] = Path(path)
+    return experts
 
 
 @click.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--component", type=click.Choice(list(SPEC_MODULES)), default=None,
               help="What the checkpoint holds (detected from its keys by default).")
 @click.option("--format", "fmt", default=None, help="Source key layout (detected by default).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
-              help="Weight dtype of the output (default: bfloat16; float32 for the VAE).")
+              help="Weight dtype (default: bfloat16; float32 for the VAE).")
+@click.option("--transformer", type=click.Path(path_type=Path), default=None,
+              help="Bundle: a DiT checkpoint (e.g. Casper) replacing the folder's own.")
+@click.option("--expert", "experts", multiple=True, metavar="KIND=FILE",
+              help="Bundle: an expert LoRA, KIND effect or quality (repeatable).")
+@click.option("--expert-kind", type=click.Choice(EXPERT_KINDS), default=None,
+              help="Single expert file: which expert it is (default: from its manifest or name).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def convert(src, out, component, fmt, dtype, overwrite):
-    """Convert a PyTorch checkpoint (safetensors, sharded safetensors, or a
-    .pth/.pt/.bin zip pickle, read without torch) into an MLX model directory.
+def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, overwrite):
+    """Convert PyTorch checkpoints (safetensors, sharded safetensors, or
+    .pth/.pt/.bin zip pickles, read without torch and without running any
+    code from them) into MLX.
+
+    SRC is a checkpoint file, a folder holding one, or a Wan / Wan-Fun model
+    folder or hub id (then OUT is a bundle with every component).
 
     \b
     Examples:
-      mlx-omnimatte convert diffusion_pytorch_model.safetensors -o out/transformer
-      mlx-omnimatte convert Wan2.1_VAE.pth -o out/vae --dtype float32
-      mlx-omnimatte convert effect_lora.safetensors -o out/effect --component expert
+      mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer casper.safetensors \\
+          --expert effect=effect.safetensors --expert quality=quality.safetensors -o models/omnimatte-1.3b
+      mlx-omnimatte convert Wan2.1_VAE.pth -o models/vae
+      mlx-omnimatte convert diffusion_pytorch_model.safetensors -o models/transformer --dtype float32
+      mlx-omnimatte convert effect_lora.safetensors -o models/effect --component expert --expert-kind effect
     """
     check_output(out, overwrite)
-    ckpt = read_checkpoint(src)
+    path = Path(src).expanduser()
+    if is_model_folder(path) or (not path.exists() and is_hub_id(src)):
+        folder = resolve_source(src)
+        build_bundle(folder, out, transformer, _expert_pairs(experts), dtype, overwrite, log=click.echo)
+        click.echo(f"bundle -> {out}")
+        return
+    if transformer or experts:
+        raise OmnimatteError(f"{src}: --transformer/--expert need a Wan model folder or hub id as SRC")
+    ckpt = read_checkpoint(path)
     spec, fmt = detect(ckpt, component, fmt)
     dtype = dtype or ("float32" if spec.component == "vae" else "bfloat16")
-    converted = run_convert(ckpt, spec, fmt, dtype)
-    meta = {"source": str(Path(src).resolve()), "source_format": fmt, "file_format": ckpt.file_format,
+    options = {"kind": expert_kind} if spec.component == "expert" and expert_kind else {}
+    converted = run_convert(ckpt, spec, fmt, dtype, **options)
+    meta = {"source": str(path.resolve()), "source_format": fmt, "file_format": ckpt.file_format,
             "converter": "mlx-omnimatte"}
     write_converted(out, converted, meta, overwrite)
     n_ignored = len(converted.ignored)

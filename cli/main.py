@@ -10,6 +10,7 @@ import click
 from mlx_omnimatte.errors import OmnimatteError
 
 from .convert import convert
+from .run import composite, decompose, remove
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,12 +20,15 @@ def cli():
 
     \b
     Examples:
-      mlx-omnimatte convert Wan2.1_VAE.pth -o models/vae
-      mlx-omnimatte convert casper.safetensors -o models/transformer
+      mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer casper.safetensors -o models/casper-1.3b
+      mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
+      mlx-omnimatte decompose clips/boys-beach --bundle models/omnimatte-1.3b -o out/beach
+      mlx-omnimatte composite out/beach/object_00/layer --background sunset.jpg -o out/sunset.mp4
     """
 
 
-cli.add_command(convert)
+for command in (convert, remove, decompose, composite):
+    cli.add_command(command)
 
 
 def main(argv=None):

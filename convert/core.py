@@ -110,11 +110,12 @@ def conv_weight_names(model: nn.Module) -> set[str]:
     return names
 
 
-def convert(ckpt: Checkpoint, spec: ComponentSpec, fmt: str, dtype: str = "bfloat16") -> Converted:
+def convert(ckpt: Checkpoint, spec: ComponentSpec, fmt: str, dtype: str = "bfloat16", **options) -> Converted:
+    """`options` go to a custom converter (e.g. the expert kind of a LoRA)."""
     if dtype not in DTYPES:
         raise OmnimatteError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     if spec.custom is not None:
-        return spec.custom(ckpt, fmt, dtype)
+        return spec.custom(ckpt, fmt, dtype, **options)
     source = ckpt.source
     keys = [k for k in ckpt if spec.select(k)]
     prefix = strip_prefix(keys)

@@ -49,37 +49,48 @@ def staged_dir(out: Path, overwrite: bool):
 def write_converted(out: Path, conv: Converted, metadata: dict, overwrite: bool = False,
                     shard_bytes: int = SHARD_BYTES) -> Path:
     with staged_dir(out, overwrite) as tmp:
-        shards, current, size = [], {}, 0
-        for name, arr in conv.tensors():
-            mx.eval(arr)
-            if current and size + arr.nbytes > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = arr
-            size += arr.nbytes
-            if size >= shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-        if current or not shards:
-            shards.append(current)
-        meta = {k: str(v) for k, v in metadata.items()}
-        if len(shards) == 1:
-            mx.save_safetensors(str(tmp / "model.safetensors"), shards[0], metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                mx.save_safetensors(str(tmp / fname), shard, metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            index = {"metadata": meta, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-            del shards
-        config = {**conv.config, "source": metadata}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, obj in conv.extra_json.items():
-            (tmp / name).write_text(json.dumps(obj, indent=2))
-        for src, rel in conv.extra_files:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+        write_converted_into(tmp, conv, metadata, shard_bytes)
     return Path(out)
+
+
+def write_converted_into(folder: Path, conv: Converted, metadata: dict, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write into an existing (staged) folder. Each shard (at most `shard_bytes`)
+    is saved as soon as it is full, so memory holds one shard at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {k: str(v) for k, v in metadata.items()}
+    written: list[tuple[Path, list[str]]] = []
+    current, size = {}, 0
+
+    def flush():
+        path = folder / f"shard-{len(written):05d}.safetensors"
+        mx.save_safetensors(str(path), current, metadata=meta)
+        written.append((path, list(current)))
+
+    for name, arr in conv.tensors():
+        mx.eval(arr)
+        if current and size + arr.nbytes > shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = arr
+        size += arr.nbytes
+    if current or not written:
+        flush()
+    del current
+    if len(written) == 1:
+        written[0][0].rename(folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (path, names) in enumerate(written):
+            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            path.rename(folder / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": meta, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = {**conv.config, "source": metadata}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name, obj in conv.extra_json.items():
+        (folder / name).write_text(json.dumps(obj, indent=2))
+    for src, rel in conv.extra_files:
+        dst = folder / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)

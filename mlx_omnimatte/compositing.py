@@ -61,8 +61,13 @@ def solve_foreground(
         raise OmnimatteError(
             f"solve_foreground: shapes differ (video {i.shape}, alpha {a.shape}, background {bg.shape})"
         )
-    fg = np.clip((i - (1.0 - a) * bg) / (a + eps), 0.0, 1.0)
-    return np.where(a >= alpha_floor, fg, 0.0).astype(np.float32)
+    # In place: these arrays are whole videos.
+    fg = i - bg
+    fg += a * bg
+    fg /= a + np.float32(eps)
+    np.clip(fg, 0.0, 1.0, out=fg)
+    fg *= a >= alpha_floor
+    return fg
 
 
 def recompose(alpha: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:

@@ -256,9 +256,6 @@ class UniPC(_FlowSampler):
         return x_next
 
 
-_GRID_FNS = {"wan": wan_grid}
-
-
 def make_sampler(name: str = "euler", steps: int = 50, shift: float = DEFAULT_SHIFT, grid: str = "diffusers"):
     """Build a sampler. ``grid="diffusers"`` is the named diffusers scheduler's
     own default grid (they differ: Euler starts at sigma 1 and double-shifts

@@ -117,10 +117,15 @@ def probe_video(path: str | Path, fps: float | None = None) -> VideoInfo:
     try:
         stream = container.streams.video[0]
         cc = stream.codec_context
+        width, height = cc.width, cc.height
+        first = next(container.decode(stream), None)  # the display rotation lives on frames
+        if first is not None and int(round(first.rotation / 90.0)) % 2:
+            width, height = height, width
         frames = stream.frames
         if frames <= 0:
+            container.seek(0)
             frames = sum(1 for p in container.demux(stream) if p.size)
-        info = VideoInfo(path, _stream_fps(path, stream), int(frames), cc.width, cc.height)
+        info = VideoInfo(path, _stream_fps(path, stream), int(frames), width, height)
     except av.FFmpegError as e:
         raise OmnimatteError(f"{path}: not a readable video ({_one_line(e)})") from None
     finally:
@@ -130,13 +135,21 @@ def probe_video(path: str | Path, fps: float | None = None) -> VideoInfo:
     return info
 
 
+def _upright(frame: av.VideoFrame, fmt: str) -> np.ndarray:
+    """Pixels as displayed: phone videos store a rotation in a display
+    matrix (counter-clockwise degrees) instead of rotating the pixels."""
+    array = frame.to_ndarray(format=fmt)
+    k = int(round(frame.rotation / 90.0)) % 4 if frame.rotation else 0
+    return np.ascontiguousarray(np.rot90(array, k)) if k else array
+
+
 def _decode(path: Path, fmt: str) -> Iterator[np.ndarray]:
     container = _open(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            yield frame.to_ndarray(format=fmt)
+            yield _upright(frame, fmt)
     except av.FFmpegError as e:
         raise OmnimatteError(f"{path}: decoding failed ({_one_line(e)})") from None
     finally:
@@ -189,4 +202,52 @@ def read_video(
     array = np.stack(frames)
     t, h, w = array.shape[:3]
     # The decoded count and size are the truth; a container's header may differ.
+    return array, VideoInfo(info.path, info.fps, t, w, h)
+
+
+def _decode_rgba(path: Path) -> list[np.ndarray]:
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        if stream.codec_context.name == "vp9":
+            # FFmpeg's native vp9 decoder drops the alpha that WebM carries as
+            # BlockAdditional side data; libvpx-vp9 decodes it.
+            try:
+                ctx = av.codec.CodecContext.create("libvpx-vp9", "r")
+            except (av.FFmpegError, ValueError):
+                raise OmnimatteError(
+                    f"{path}: reading VP9 alpha needs FFmpeg's libvpx-vp9 decoder, missing from this PyAV build"
+                ) from None
+            frames = []
+            for packet in container.demux(stream):
+                if packet.size:
+                    frames += ctx.decode(packet)
+            frames += ctx.decode(None)
+        else:
+            stream.thread_type = "AUTO"
+            frames = list(container.decode(stream))
+        return [_upright(f, "rgba") for f in frames]
+    except av.FFmpegError as e:
+        raise OmnimatteError(f"{path}: decoding failed ({_one_line(e)})") from None
+    finally:
+        container.close()
+
+
+def read_rgba(path: str | Path, fps: float | None = None) -> tuple[np.ndarray, VideoInfo]:
+    """Read an RGBA layer: PNG folder, ProRes 4444 ``.mov`` or VP9 ``.webm``.
+
+    Returns uint8 ``[T, H, W, 4]`` (alpha 255 where the source has none) and
+    its ``VideoInfo``.
+    """
+    path = Path(path)
+    info = probe_video(path, fps)
+    if path.is_dir():
+        files, _ = _folder_info(path, info.fps)
+        frames = [_load_image(f, "RGBA", info.size) for f in files]
+    else:
+        frames = _decode_rgba(path)
+    if not frames:
+        raise OmnimatteError(f"{path}: the video has no frames")
+    array = np.stack(frames)
+    t, h, w = array.shape[:3]
     return array, VideoInfo(info.path, info.fps, t, w, h)

@@ -1,0 +1,75 @@
+"""A model bundle: one directory with every converted component and a manifest.
+
+    bundle/
+      manifest.json        {"components": {name: subdir}, "experts": {kind: subdir}, ...}
+      transformer/ vae/ t5/ clip/      converted model directories
+      experts/effect/ experts/quality/ expert directories (LoRA + manifest)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OmnimatteError
+from .weights import read_config
+
+MANIFEST = "manifest.json"
+COMPONENTS = ("transformer", "vae", "t5", "clip")
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+
+    def path(self, component: str) -> Path:
+        sub = self.manifest.get("components", {}).get(component)
+        if sub is None:
+            raise OmnimatteError(f"{self.root}: the bundle has no {component} component")
+        return self.root / sub
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {kind: self.root / sub for kind, sub in self.manifest.get("experts", {}).items()}
+
+    def expert(self, kind: str) -> Path:
+        if kind not in self.experts:
+            raise OmnimatteError(
+                f"{self.root}: the bundle has no {kind} expert (convert one with "
+                f"`mlx-omnimatte convert BUNDLE --expert {kind}=FILE`)")
+        return self.experts[kind]
+
+    def weight_bytes(self, component: str) -> int:
+        return sum(f.stat().st_size for f in self.path(component).glob("*.safetensors"))
+
+
+def open_bundle(path, need=COMPONENTS, experts=()) -> Bundle:
+    """Open a bundle and check that the components and experts a run needs are
+    present and readable, before any weight is loaded."""
+    root = Path(path)
+    man = root / MANIFEST
+    if not man.exists():
+        raise OmnimatteError(f"{root}: not a model bundle (no {MANIFEST}); build one with `mlx-omnimatte convert`")
+    try:
+        manifest = json.loads(man.read_text())
+    except ValueError:
+        raise OmnimatteError(f"{man}: not valid JSON") from None
+    bundle = Bundle(root, manifest)
+    for component in need:
+        sub = bundle.path(component)
+        config = read_config(sub)
+        if config["component"] != component:
+            raise OmnimatteError(f"{sub}: holds a {config['component']}, the bundle lists it as {component}")
+        if not any(sub.glob("*.safetensors")):
+            raise OmnimatteError(f"{sub}: no weights (.safetensors) in the {component} component")
+    for kind in experts:
+        read_config(bundle.expert(kind))
+    return bundle
+
+
+def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict) -> None:
+    manifest = {"format": "mlx-omnimatte-bundle", "version": 1, "components": components,
+                "experts": experts, "source": source}
+    (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2))

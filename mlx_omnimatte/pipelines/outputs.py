@@ -1,0 +1,59 @@
+"""Write a run's layers into one output folder, atomically: the folder
+appears complete or not at all (errors and Ctrl-C leave nothing behind).
+
+decompose:                              remove:
+  OUT/object_<name>/layer/ (RGBA PNG)     OUT/background_all.mp4
+         layer.mov / layer.webm           OUT/background_without_<name>.mp4
+         alpha.mp4                        (or PNG frame folders)
+         background.mp4
+         preview.mp4
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io.inputs import Clip
+from ..io.preview import write_preview
+from ..io.writers import atomic_output, write_alpha, write_background, write_layer
+
+LAYER_FORMATS = {"png": "layer", "prores": "layer.mov", "webm": "layer.webm"}
+
+
+def write_decomposition(out: Path, clip: Clip, layers: dict, formats=("png",), background: str = "mp4",
+                        preview: bool = True, overwrite: bool = False) -> Path:
+    with atomic_output(out, overwrite, directory=True) as tmp:
+        for name, layer in layers.items():
+            folder = tmp / f"object_{name}"
+            folder.mkdir()
+            for fmt in formats:
+                write_layer(folder / LAYER_FORMATS[fmt], layer.alpha, layer.foreground, clip.fps)
+            write_alpha(folder / "alpha.mp4", layer.alpha, clip.fps)
+            write_background(folder / _bg_name(background), layer.background, clip.fps)
+            if preview:
+                write_preview(folder / "preview.mp4", clip.frames, [layer.alpha], [layer.foreground],
+                              [layer.background], clip.fps)
+    return out
+
+
+def write_removal(out: Path, clip: Clip, backgrounds: dict, background: str = "mp4",
+                  overwrite: bool = False) -> Path:
+    with atomic_output(out, overwrite, directory=True) as tmp:
+        for label, frames in backgrounds.items():
+            write_background(tmp / _bg_name(background, f"background_{label}"), frames, clip.fps)
+    return out
+
+
+def _bg_name(fmt: str, stem: str = "background") -> str:
+    return stem if fmt == "png" else f"{stem}.{fmt}"
+
+
+def listing(out: Path) -> list[str]:
+    """Files of an output folder (frame folders summarized), for the CLI."""
+    lines = []
+    for p in sorted(Path(out).rglob("*")):
+        if p.is_dir() and any(p.glob("*.png")):
+            lines.append(f"{p.relative_to(out)}/  ({len(list(p.glob('*.png')))} PNG frames)")
+        elif p.is_file() and p.suffix != ".png":
+            lines.append(f"{p.relative_to(out)}  ({p.stat().st_size / 1e6:.1f} MB)")
+    return lines

@@ -1,0 +1,130 @@
+"""What a run will do and how much memory each stage will need, computed
+from sizes alone (no weights loaded): `--dry-run` prints it, and a run
+predicted not to fit stops before loading anything.
+
+The activation models are simple and conservative (float32 where the code
+computes in float32); the VAE coefficients come from `parity/bench_vae.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from ..bundle import Bundle
+from ..errors import OmnimatteError
+from ..io.grid import GridPlan
+from ..memory import DEFAULT_ATTENTION_BUDGET, fused_attention
+from ..weights import read_config
+from .stages import Settings, num_windows
+
+GB = 1 << 30
+# Bytes per model-grid pixel held by the VAE at its peak (float32 activations
+# of a 4-frame chunk at full resolution with the causal caches), measured.
+VAE_ENCODE_BYTES_PER_PIXEL = 9_000
+VAE_DECODE_BYTES_PER_PIXEL = 12_000
+FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
+
+
+@dataclass
+class StagePlan:
+    name: str
+    weights: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations
+
+
+@dataclass
+class RunPlan:
+    mode: str
+    grid: GridPlan
+    objects: int
+    windows: int
+    steps: int
+    tokens: int  # per DiT forward
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    def render(self, machine: int) -> str:
+        g = self.grid
+        lines = [
+            f"mode: {self.mode}, {self.objects} object(s)",
+            f"source: {g.src_width}x{g.src_height}, {g.src_frames} frames -> model grid {g.width}x{g.height}, "
+            f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
+            f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
+            f"{self.tokens} tokens per forward",
+            f"{'stage':<22} {'weights GB':>10} {'activ. GB':>10} {'peak GB':>8}",
+        ]
+        for s in self.stages:
+            lines.append(f"{s.name:<22} {s.weights / GB:>10.2f} {s.activations / GB:>10.2f} {s.peak / GB:>8.2f}")
+        lines.append(f"predicted peak {self.peak / GB:.2f} GB of {machine / GB:.1f} GB on this machine "
+                     f"({'fits' if self.fits(machine) else 'does NOT fit'})")
+        return "\n".join(lines)
+
+    def fits(self, machine: int) -> bool:
+        return self.peak <= FIT_FRACTION * machine
+
+
+def machine_memory() -> int:
+    """Unified memory on a Mac (what Metal may use), else physical RAM."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        if info.get("memory_size"):
+            return int(info["memory_size"])
+    except (RuntimeError, AttributeError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _dit_activations(cfg: dict, tokens: int, dtype_bytes: int) -> int:
+    dim, ffn, heads = cfg["dim"], cfg["ffn_dim"], cfg["num_heads"]
+    stream = tokens * dim * 4 * 8  # residual, norms, q, k, v, attention out (float32)
+    ffn_hidden = tokens * ffn * max(dtype_bytes, 2) * 2
+    if fused_attention():
+        scores = 0
+    else:
+        scores = min(DEFAULT_ATTENTION_BUDGET, tokens * tokens * heads * (dtype_bytes + 4))
+    return stream + ffn_hidden + scores
+
+
+def plan_run(mode: str, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
+             prompt_cached: bool = False) -> RunPlan:
+    cfg = read_config(bundle.path("transformer"))
+    lat_w, lat_h = grid.latent_size
+    window_frames = min(grid.latent_frames, settings.window)
+    halves = 2 if mode == "decompose" else 1
+    tokens = halves * window_frames * (lat_h // 2) * (lat_w // 2)
+    dtype_bytes = 4 if settings.dtype == "float32" else 2
+    dit_weights = bundle.weight_bytes("transformer")
+    if settings.dtype == "float32" and cfg.get("dtype") != "float32":
+        dit_weights *= 2
+    pixels = grid.width * grid.height
+    latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
+    out_bytes = grid.frames * pixels * 3 * 4 * (1 + halves)
+    run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens)
+    run.stages = [
+        StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"), 0 if prompt_cached else GB // 2),
+        StagePlan("image encoder", bundle.weight_bytes("clip"), GB // 8),
+        StagePlan("vae encode", bundle.weight_bytes("vae"),
+                  VAE_ENCODE_BYTES_PER_PIXEL * pixels + grid.frames * pixels * 3 * 4),
+        StagePlan("denoise", dit_weights + bundle.weight_bytes("vae"),
+                  _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes),
+        StagePlan("vae decode", bundle.weight_bytes("vae"), VAE_DECODE_BYTES_PER_PIXEL * pixels + out_bytes),
+    ]
+    return run
+
+
+def check_fits(run: RunPlan, machine: int) -> None:
+    if not run.fits(machine):
+        worst = max(run.stages, key=lambda s: s.peak)
+        raise OmnimatteError(
+            f"predicted peak {run.peak / GB:.1f} GB ({worst.name}) exceeds {FIT_FRACTION:.0%} of this "
+            f"machine's {machine / GB:.1f} GB: lower --size, use --dtype bfloat16, or shorten the clip")
