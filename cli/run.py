@@ -66,20 +66,29 @@ def _clip_info(input: Path, masks, caption, frames):
 
 
 def _prepare(mode, input, masks, caption, bundle, out, frames, dry_run, overwrite, tau=None, **settings):
+    """Check everything that can be checked without reading frames or
+    weights: output, settings, inputs, bundle; then plan the run."""
+    from mlx_omnimatte.io.grid import plan_grid
     from mlx_omnimatte.pipelines.api import settings_from
     from mlx_omnimatte.pipelines.omnimatte import experts_needed
-    from mlx_omnimatte.io.grid import plan_grid
     from mlx_omnimatte.pipelines.plan import machine_memory, plan_run
 
     if not dry_run:
         check_output(out, overwrite)
+        _refuse_overwriting_inputs(out, [input, *masks])
     s = settings_from(tau=tau, **settings)
-    b = open_bundle(bundle, COMPONENTS, experts_needed(s.tau) if mode == "decompose" else ())
     info, n_objects, caption = _clip_info(input, masks, caption, frames)
+    b = open_bundle(bundle, COMPONENTS, experts_needed(s.tau) if mode == "decompose" else ())
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
-    run = plan_run(mode, grid, n_objects, b, s)
-    machine = machine_memory()
-    return s, b, run, machine
+    return s, b, plan_run(mode, grid, n_objects, b, s), machine_memory()
+
+
+def _refuse_overwriting_inputs(out: Path, inputs) -> None:
+    target = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if target == p or target in p.parents:
+            raise OmnimatteError(f"{out}: the output would replace the input {p}")
 
 
 def _read(input, masks, caption, frames):

@@ -9,7 +9,8 @@ Source layouts (one key map each):
   `visual.post_norm`, `visual.head`; plus `textual.*` and `log_scale`.
 * `open_clip`: an open_clip CLIP state dict (`visual.conv1`, `visual.class_embedding`,
   `visual.transformer.resblocks.N.{ln_1,attn.in_proj_*,attn.out_proj,ln_2,mlp.c_fc,mlp.c_proj}`, ...).
-* `hf`: transformers `CLIPVisionModel` / `CLIPModel` (`vision_model.*`); its
+* `hf`: transformers `CLIPVisionModel` / `CLIPModel` (`vision_model.*`, or no
+  prefix as transformers v5 writes a CLIPVisionModel); its
   separate q/k/v projections are fused on read into the qkv layout of the others.
 
 Only ViT-H/14-wide towers (width 1280, 16 heads) are accepted: Wan's image
@@ -36,6 +37,7 @@ WIDTH = 1280  # ViT-H/14, what Wan's img_emb (LayerNorm(1280)) takes
 HEAD_DIM = 80  # ViT-H/14: 16 heads of 80
 
 _HEAD = "projection head and final norm: Wan reads the features before them"
+_V = r"(?:vision_model\.)?"
 
 FORMATS = {
     "wan": KeyMap(
@@ -66,27 +68,30 @@ FORMATS = {
         ],
         ignored={r"visual\.ln_post\.(weight|bias)": _HEAD, r"visual\.proj": _HEAD},
     ),
+    # transformers CLIPVisionModel: `vision_model.` in v4 files and CLIPModel
+    # files, no prefix in files written by transformers v5
     "hf": KeyMap(
         renames=[
-            (r"vision_model\.embeddings\.patch_embedding\.weight", r"patch_embedding.weight"),
-            (r"vision_model\.embeddings\.class_embedding", r"cls_embedding"),
-            (r"vision_model\.embeddings\.position_embedding\.weight", r"pos_embedding"),
-            (r"vision_model\.pre_layrnorm\.(weight|bias)", r"pre_norm.\1"),
-            (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+            (_V + r"embeddings\.patch_embedding\.weight", r"patch_embedding.weight"),
+            (_V + r"embeddings\.class_embedding", r"cls_embedding"),
+            (_V + r"embeddings\.position_embedding\.weight", r"pos_embedding"),
+            (_V + r"pre_layrnorm\.(weight|bias)", r"pre_norm.\1"),
+            (_V + r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
             # virtual key: q/k/v fused by _view
-            (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-            (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-            (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"blocks.\1.mlp.fc\2.\3"),
+            (_V + r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+            (_V + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+            (_V + r"encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"blocks.\1.mlp.fc\2.\3"),
         ],
         ignored={
-            r"vision_model\.post_layernorm\.(weight|bias)": _HEAD,
+            _V + r"post_layernorm\.(weight|bias)": _HEAD,
             r"visual_projection\.weight": _HEAD,
-            r"vision_model\.embeddings\.position_ids": "index buffer, not a weight",
+            _V + r"embeddings\.position_ids": "index buffer, not a weight",
         },
     ),
 }
 
-_VISUAL = re.compile(r"^(?:visual\.|vision_model\.|visual_projection\.)")
+_VISUAL = re.compile(r"^(?:visual\.|vision_model\.|visual_projection\.|embeddings\.|encoder\.layers\.|pre_layrnorm\."
+                     r"|post_layernorm\.)")
 
 
 def select(key: str) -> bool:
@@ -101,7 +106,8 @@ def detect(ckpt: Checkpoint) -> str | None:
         return "wan"
     if "visual.conv1.weight" in keys and "visual.transformer.resblocks.0.attn.in_proj_weight" in keys:
         return "open_clip"
-    if "vision_model.embeddings.patch_embedding.weight" in keys:
+    if {"vision_model.embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight"} & keys \
+            and ({"vision_model.pre_layrnorm.weight", "pre_layrnorm.weight"} & keys):
         return "hf"
     return None
 
@@ -126,7 +132,7 @@ def _view(ckpt: Checkpoint, fmt: str) -> Checkpoint:
             items[key] = _reshaped(items[key], items[key].shape[-2:] if key.endswith("pos_embedding")
                                    else items[key].shape[-1:])
     if fmt == "hf":
-        pat = re.compile(r"(vision_model\.encoder\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)")
+        pat = re.compile(r"((?:vision_model\.)?encoder\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)")
         for key in [k for k in items if pat.fullmatch(k)]:
             pre, kind = pat.fullmatch(key).groups()
             names = [f"{pre}{p}_proj.{kind}" for p in "qkv"]

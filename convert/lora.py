@@ -22,10 +22,11 @@ The expert's settings come from, first that says wins:
 1. options given to `convert(ckpt, spec, fmt, dtype, **options)` (the CLI's
    `--expert-kind`, `--k`, `--mask-type`; the bundle builder passes `kind`):
    kind ("effect"/"quality"), k, mask_type ("A"/"B"/"C"), tau, num_layers,
-   dim, alpha;
-2. a manifest JSON beside the LoRA file: `<file stem>.json`,
-   `<file name>.json`, or `manifest.json` in the same folder, with any of the
-   keys kind, k, mask_type, tau_default (or tau), num_layers, dim, alpha;
+   dim, alpha; None means "not given". `manifest=PATH` names a manifest file;
+2. a manifest JSON: the one named by `manifest=`, else one beside the LoRA
+   file: `<file stem>.json`, `<file name>.json`, or `manifest.json` in the
+   same folder (skipped when it is a bundle manifest), with any of the keys
+   kind, k, mask_type, tau_default (or tau), num_layers, dim, alpha;
 3. the LoRA itself: dim from the tensor shapes, num_layers from the width
    (1536 -> 30, 5120 -> 40; else the last block + 1), kind from the blocks
    (all blocks -> quality, a tail -> effect), K = the number of blocks,
@@ -115,7 +116,7 @@ _KOHYA_NAMES = {k.replace(".", "_"): v for k, v in MODULE_NAMES.items()}
 _KOHYA_UNSUPPORTED = {k.replace(".", "_"): v for k, v in UNSUPPORTED.items()}
 
 _LORA_KEY = re.compile(r"\.(?:lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
-OPTIONS = ("kind", "k", "mask_type", "tau", "num_layers", "dim", "alpha")
+OPTIONS = ("kind", "k", "mask_type", "tau", "num_layers", "dim", "alpha")  # + manifest=PATH
 
 
 def detect(ckpt: Checkpoint) -> str | None:
@@ -140,11 +141,15 @@ def _strip(key: str) -> str:
 # --------------------------------------------------------------------------- settings
 
 
-def sidecar_manifest(source: Path) -> tuple[dict, Path | None]:
-    """The manifest JSON beside a LoRA file, if any (see the module doc)."""
+def sidecar_manifest(source: Path, explicit: Path | None = None) -> tuple[dict, Path | None]:
+    """The manifest JSON named explicitly, else the one beside a LoRA file, if
+    any (see the module doc)."""
     source = Path(source)
-    for cand in (source.with_suffix(".json"), source.with_name(source.name + ".json"),
-                 source.parent / "manifest.json"):
+    if explicit is not None and not Path(explicit).is_file():
+        raise OmnimatteError(f"{explicit}: expert manifest not found")
+    cands = [Path(explicit)] if explicit is not None else [
+        source.with_suffix(".json"), source.with_name(source.name + ".json"), source.parent / "manifest.json"]
+    for cand in cands:
         if cand == source or not cand.is_file():
             continue
         try:
@@ -153,7 +158,7 @@ def sidecar_manifest(source: Path) -> tuple[dict, Path | None]:
             raise OmnimatteError(f"{cand}: expert manifest is not valid JSON") from None
         if not isinstance(data, dict):
             raise OmnimatteError(f"{cand}: expert manifest must be a JSON object")
-        if cand.name == "manifest.json" and ("components" in data or data.get("component", "expert") != "expert"):
+        if explicit is None and cand.name == "manifest.json" and ("components" in data or data.get("component", "expert") != "expert"):
             continue  # a bundle's or another tool's manifest, not ours
         if "tau_default" in data and "tau" not in data:
             data["tau"] = data["tau_default"]
@@ -168,8 +173,8 @@ def _positive_int(name: str, value, where) -> int:
 
 
 def _settings(options: dict, source: Path) -> tuple[dict, Path | None]:
-    manifest, mpath = sidecar_manifest(source)
     given = {k: v for k, v in options.items() if v is not None}
+    manifest, mpath = sidecar_manifest(source, given.pop("manifest", None))
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:
         raise OmnimatteError(f"expert conversion: unknown option {unknown[0]!r} ({', '.join(OPTIONS)})")
@@ -183,10 +188,13 @@ def _settings(options: dict, source: Path) -> tuple[dict, Path | None]:
     for name in ("k", "num_layers", "dim"):
         if name in s:
             s[name] = _positive_int(name, s[name], where)
-    if "mask_type" in s:
-        s["mask_type"] = check_mask_type(s["mask_type"])
-    if "tau" in s:
-        s["tau"] = check_tau(s["tau"])
+    try:
+        if "mask_type" in s:
+            s["mask_type"] = check_mask_type(s["mask_type"])
+        if "tau" in s:
+            s["tau"] = check_tau(s["tau"])
+    except OmnimatteError as e:
+        raise OmnimatteError(f"{where}: {e}") from None
     if "alpha" in s:
         if isinstance(s["alpha"], bool) or not isinstance(s["alpha"], (int, float)) or not s["alpha"] > 0:
             raise OmnimatteError(f"{where}: alpha {s['alpha']!r} must be a positive number")
@@ -262,10 +270,11 @@ def convert_lora(ckpt: Checkpoint, fmt: str, dtype: str = "bfloat16", **options)
     shapes = {}
     for (block, target), roles in modules.items():
         name = f"blocks.{block}.{target}"
+        if "lora_a" not in roles and "lora_b" not in roles:
+            raise OmnimatteError(f"{src}: {next(iter(roles.values()))}: no LoRA matrices for {name} (missing pair)")
         if "lora_a" not in roles or "lora_b" not in roles:
             have, lack = ("lora_a", "B (up)") if "lora_a" in roles else ("lora_b", "A (down)")
-            known = roles.get(have) or next(iter(roles.values()))
-            raise OmnimatteError(f"{src}: {known}: LoRA {name} has no {lack} matrix (missing pair)")
+            raise OmnimatteError(f"{src}: {roles[have]}: LoRA {name} has no {lack} matrix (missing pair)")
         a_shape, b_shape = _matrix(ckpt, roles["lora_a"]), _matrix(ckpt, roles["lora_b"])
         if a_shape[0] != b_shape[1]:
             raise OmnimatteError(f"{src}: {name}: rank mismatch, {roles['lora_a']} has shape {a_shape} "

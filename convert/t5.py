@@ -179,7 +179,7 @@ def quantize_tensors(conv: Converted, bits: int, group_size: int = 64) -> Conver
     if bits not in (4, 8):
         raise OmnimatteError(f"quantize: {bits} bits is not supported (4 or 8)")
     model = build(conv.config)
-    targets = {f"{path}.weight" for path, m in model.named_modules() if t5_model.quantizable(path, m)}
+    targets = {f"{path}.weight" for path, m in model.named_modules() if t5_model.quantizable(path, m, group_size)}
     inner = conv.tensors
 
     def tensors():

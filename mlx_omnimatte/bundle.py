@@ -65,8 +65,22 @@ def open_bundle(path, need=COMPONENTS, experts=()) -> Bundle:
         if not any(sub.glob("*.safetensors")):
             raise OmnimatteError(f"{sub}: no weights (.safetensors) in the {component} component")
     for kind in experts:
-        read_config(bundle.expert(kind))
+        check_expert_fits(bundle.expert(kind), read_config(bundle.path("transformer")))
     return bundle
+
+
+def check_expert_fits(expert_dir: Path, transformer: dict) -> None:
+    """An expert made for another model is refused from the configs alone."""
+    config = read_config(expert_dir)
+    if config["component"] != "expert":
+        raise OmnimatteError(f"{expert_dir}: holds a {config['component']}, not an expert")
+    if config.get("dim") != transformer.get("dim"):
+        raise OmnimatteError(f"{expert_dir}: expert for model width {config.get('dim')}, "
+                             f"the bundle's transformer has width {transformer.get('dim')}")
+    blocks = config.get("blocks") or []
+    if blocks and max(blocks) >= transformer.get("num_layers", 0):
+        raise OmnimatteError(f"{expert_dir}: LoRA on block {max(blocks)}, "
+                             f"the bundle's transformer has {transformer.get('num_layers')} blocks")
 
 
 def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict) -> None:

@@ -1,12 +1,13 @@
 """Memory budgets, attention chunk sizes and peak reporting.
 
 Attention is the one place where memory grows with the square of the token
-count. On a GPU (Metal, and MLX's CUDA backend) ``mx.fast.scaled_dot_product_attention``
-runs a fused kernel for unmasked attention with head dim 64/80/128: it never
-holds the score matrix, so splitting the queries only adds launches. The CPU
-path (and any call with an array mask) falls back to matmul -> softmax ->
-matmul and materializes ``batch * heads * Lq * Lk`` scores (measured here:
-~1.05-1.25x that many elements of the input dtype at peak). There, the
+count. On Metal, ``mx.fast.scaled_dot_product_attention`` runs a fused
+(flash-style) kernel for unmasked attention with head dims 64..256 (128 for
+Wan): it never holds the score matrix, so splitting the queries would only
+add launches. The CPU path, MLX's CUDA backend (fused only for a single
+query), and any call with an array mask fall back to matmul -> softmax ->
+matmul and materialize ``batch * heads * Lq * Lk`` scores (measured here:
+~1.05-1.25x that many elements of the input dtype at peak). There the
 queries are cut into chunks whose scores fit a byte budget.
 """
 
@@ -20,7 +21,8 @@ import mlx.core as mx
 from .errors import OmnimatteError
 
 # Bytes the materialized scores of one attention call may take when no budget
-# is given. 1 GiB keeps a 2 x 32,760-token 1.3B step (12 heads) to ~20 chunks.
+# is given (CPU / non-Metal). For a 2 x 32,760-token 1.3B step (12 heads,
+# float32) that is chunks of 128 queries, each still ~50 GFLOP of work.
 DEFAULT_ATTENTION_BUDGET = 1 << 30
 
 # Scores are held in the input dtype, and the softmax works in float32:
@@ -29,9 +31,9 @@ _SOFTMAX_BYTES = 4
 
 
 def fused_attention(device=None) -> bool:
-    """Whether SDPA runs a fused kernel (no score matrix) on this device."""
+    """Whether unmasked SDPA runs a fused kernel (no score matrix): Metal GPUs."""
     device = device or mx.default_device()
-    return device.type == mx.gpu
+    return device.type == mx.gpu and mx.metal.is_available()
 
 
 def query_chunk(budget_bytes: int, heads: int, key_len: int, dtype=mx.float32, batch: int = 1,

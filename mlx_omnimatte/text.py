@@ -121,9 +121,12 @@ class PromptTokenizer:
         # as transformers' truncation=True, max_length=512: the appended </s> counts and is kept
         self.tokenizer.enable_truncation(max_length=text_len)
 
-    def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
-        """ids, mask: int32 [B, text_len]; mask is 1 on the prompt's tokens."""
-        texts = [clean_prompt(p) for p in check_prompts(prompts)]
+    def __call__(self, prompts, clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """ids, mask: int32 [B, text_len]; mask is 1 on the prompt's tokens.
+        `clean=False` for texts already through `clean_prompt` (cleaning twice
+        is not a no-op: HTML entities are unescaped twice per pass)."""
+        texts = check_prompts(prompts)
+        texts = [clean_prompt(p) for p in texts] if clean else texts
         encs = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         ids = np.full((len(texts), self.text_len), self.pad_id, np.int32)
         mask = np.zeros((len(texts), self.text_len), np.int32)
@@ -237,8 +240,7 @@ def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = No
             model = load_text_encoder(t5_dir, quantize)
             for i in range(0, len(missing), batch_size):
                 batch = missing[i : i + batch_size]
-                # cleaned already; cleaning is idempotent
-                ids, mask = tokenizer(batch)
+                ids, mask = tokenizer(batch, clean=False)  # cleaned above
                 lengths = mask.sum(axis=1)
                 # padded keys are masked out, so the prompt's rows do not depend on how
                 # far the padding goes: run only up to the longest prompt
@@ -262,20 +264,30 @@ def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = No
 # --------------------------------------------------------------------------- CLIP
 
 
-def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] weights of torch's bicubic resize (align_corners=False, no
-    antialias, border indices clamped)."""
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    i0 = np.floor(src)
-    t = src - i0
-    d = np.stack([t + 1, t, 1 - t, 2 - t], axis=1)  # distances to the 4 taps
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    w = np.where(d <= 1, near, far)
-    idx = np.clip(i0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
-    m = np.zeros((n_out, n_in))
+    antialias, Keys' A = -0.75, border taps clamped), with torch's float32
+    rounding: at 1920 px a float32 source coordinate is only good to ~1e-4, so
+    the coordinate is rounded as torch's CPU kernel does (float32 scale, one
+    fused multiply-add) to stay within 1e-6 of its weights."""
+    f = np.float32
+    a = f(-0.75)
+    scale = np.float64(f(n_in) / f(n_out))
+    src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(f)  # exact in float64, rounded once
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    t = np.clip(src - i0.astype(f), f(0), f(1))
+
+    def near(x):  # |x| <= 1
+        return ((a + f(2)) * x - (a + f(3))) * x * x + f(1)
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - f(5) * a) * x + f(8) * a) * x - f(4) * a
+
+    w = np.stack([far(t + f(1)), near(t), near(f(1) - t), far(f(1) - t + f(1))], axis=1)
+    idx = np.clip(i0[:, None] + np.arange(-1, 3), 0, n_in - 1)
+    m = np.zeros((n_out, n_in), np.float32)
     np.add.at(m, (np.repeat(np.arange(n_out), 4), idx.ravel()), w.ravel())
-    return m.astype(np.float32)
+    return m
 
 
 def clip_preprocess(frames, size: int = 224) -> mx.array:

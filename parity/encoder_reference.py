@@ -60,7 +60,7 @@ def hf_to_wan_t5(sd: dict) -> dict:
                 "0.layer_norm.weight": "norm1.weight", "1.layer_norm.weight": "norm2.weight",
                 "1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight", "1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
                 "1.DenseReluDense.wo.weight": "ffn.fc2.weight",
-            }[parts[3] + "." + sub]
+            }[sub]
             name = f"blocks.{i}.{name}"
         out[name] = v.detach().contiguous()
     return out
@@ -217,7 +217,8 @@ def hf_clip_to_open_clip(sd: dict, head_dim_out: int = 1024) -> dict:
     in_proj; a random projection stands in for `visual.proj`)."""
     out = {}
     g = torch.Generator().manual_seed(1)
-    p = "vision_model."
+    sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}  # v4 names had the prefix, v5 not
+    p = ""
     out["visual.conv1.weight"] = sd[p + "embeddings.patch_embedding.weight"]
     out["visual.class_embedding"] = sd[p + "embeddings.class_embedding"]
     out["visual.positional_embedding"] = sd[p + "embeddings.position_embedding.weight"]
@@ -226,7 +227,7 @@ def hf_clip_to_open_clip(sd: dict, head_dim_out: int = 1024) -> dict:
         out[f"visual.ln_post.{s}"] = sd[f"{p}post_layernorm.{s}"]
     width = out["visual.class_embedding"].shape[0]
     out["visual.proj"] = torch.randn(width, head_dim_out, generator=g)
-    n = 1 + max(int(k.split(".")[3]) for k in sd if ".encoder.layers." in k)
+    n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
     for i in range(n):
         src, dst = f"{p}encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
         for s in ("weight", "bias"):

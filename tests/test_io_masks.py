@@ -15,6 +15,7 @@ from mlx_omnimatte.io.masks import (
     load_mask,
     object_trimasks,
     prepare_mask,
+    prepare_masks,
     read_mask,
     solo_trimasks,
 )
@@ -175,3 +176,15 @@ def test_trimask_values_and_overlap():
     assert set(np.unique(every).tolist()) == {np.float32(NEUTRAL), 1.0}
     with pytest.raises(OmnimatteError, match="object index 2 out of range"):
         build_trimask([a, b], remove=[2])
+
+
+def test_prepare_masks_on_plan():
+    from mlx_omnimatte.io.grid import plan_grid
+
+    plan = plan_grid(W, H, T, size=(96, 64))
+    masks = prepare_masks([_box_mask(), _box_mask()[:, ::-1]], plan)
+    assert [m.shape for m in masks] == [(81, 64, 96)] * 2 and masks[0].dtype == bool
+    np.testing.assert_array_equal(masks[0][T], masks[0][T - 1])  # mirrored padding
+    np.testing.assert_array_equal(masks[0][:T], prepare_mask(_box_mask(), (96, 64)))
+    tri = build_trimask(masks, remove=[1])
+    assert tri.shape == (81, 64, 96) and set(np.unique(tri).tolist()) == {0.0, np.float32(NEUTRAL), 1.0}

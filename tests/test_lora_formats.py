@@ -148,6 +148,15 @@ def test_missing_pair(tmp_path):
     _bad(tmp_path, sd, r"lora_unet_blocks_0_self_attn_o\.lora_up\.weight: LoRA blocks\.0\.self_attn\.o has no A")
 
 
+def test_alpha_without_matrices(tmp_path):
+    sd = adapter_keys(random_adapter([0]), "kohya")
+    sd["lora_unet_blocks_0_self_attn_q_x.alpha"] = np.array(4.0, np.float32)
+    _bad(tmp_path, sd, "unknown module self_attn_q_x")
+    sd = adapter_keys(random_adapter([0], targets=("self_attn.q",)), "kohya")
+    sd["lora_unet_blocks_0_self_attn_k.alpha"] = np.array(4.0, np.float32)
+    _bad(tmp_path, sd, r"lora_unet_blocks_0_self_attn_k\.alpha: no LoRA matrices for blocks\.0\.self_attn\.k")
+
+
 def test_rank_mismatch(tmp_path):
     sd = adapter_keys(random_adapter([0, 1]), "peft")
     sd["blocks.0.cross_attn.q.lora_B.weight"] = np.zeros((64, 3), np.float32)
@@ -177,7 +186,7 @@ def test_unsupported_and_unknown_modules(tmp_path):
 
 def test_bad_settings(tmp_path):
     sd = adapter_keys(random_adapter([0]), "peft")
-    _bad(tmp_path, sd, "tau 1.5: must lie in", tau_default=1.5)
+    _bad(tmp_path, sd, r"bad\.json: tau 1\.5: must lie in", tau_default=1.5)
     _bad(tmp_path, sd, "expert kind 'medium' unknown", kind="medium")
     _bad(tmp_path, sd, "attention mask type 'D'", mask_type="D")
 
@@ -204,3 +213,15 @@ def test_cli_converts_and_exits_2_on_bad_lora(tmp_path, capsys):
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "rank mismatch" in lines[0], out
     assert not (tmp_path / "no").exists()
+
+
+def test_explicit_manifest_option(tmp_path):
+    src = write_lora(tmp_path / "lora/x.safetensors", adapter_keys(random_adapter([3]), "peft"))
+    m = tmp_path / "elsewhere.json"
+    m.write_text(json.dumps({"kind": "effect", "k": 2, "num_layers": 4, "tau_default": 0.4}))
+    e = convert_expert(src, tmp_path / "out", manifest=str(m))
+    assert (e.kind, e.k, e.num_layers, e.tau_default, e.blocks) == ("effect", 2, 4, 0.4, (3,))
+    with pytest.raises(OmnimatteError, match="nope.json: expert manifest not found"):
+        convert_expert(src, tmp_path / "out2", manifest=str(tmp_path / "nope.json"))
+    with pytest.raises(OmnimatteError, match="unknown option 'rank'"):
+        convert_expert(src, tmp_path / "out3", rank=4)

@@ -5,8 +5,9 @@ The sequence is [inpaint tokens (N) | matting tokens (N)]; rows are queries.
 * A: full attention over all 2N tokens.
 * B: inpaint queries see only inpaint keys; matting queries see all keys.
   = SDPA(q_inp, k_inp, v_inp) and SDPA(q_mat, k_all, v_all).
-* C: block diagonal: each half sees only itself. Two independent SDPAs, run
-  as one batch of 2 (halves stacked on the batch axis).
+* C: block diagonal: each half sees only itself. Two independent SDPAs on
+  the slices (default), or one SDPA on the halves stacked on the batch axis
+  (``c_as_batch=True``: one launch, but a copy of q, k and v).
 
 Each piece is an unmasked SDPA on key/value slices, so B costs 3/4 and C 1/2
 of A's work, and the fused GPU kernel applies everywhere. An array mask in
@@ -63,7 +64,7 @@ def sdpa(q, k, v, scale: float, budget_bytes: int | None = None):
 
 
 def branch_attention(q, k, v, mask_type: str = "A", n: int | None = None, scale: float | None = None,
-                     budget_bytes: int | None = None, c_as_batch: bool = True):
+                     budget_bytes: int | None = None, c_as_batch: bool = False):
     """Attention of type A/B/C over [inpaint | matting] tokens.
 
     q, k, v: [B, H, 2N, D] after q/k norm and RoPE; ``n`` the length of the

@@ -38,7 +38,6 @@ DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "
 # halves share; the FFN stays frozen in EasyOmnimatte.
 SUPPORTED_TARGETS = DEFAULT_TARGETS
 DEFAULT_MASK = {"effect": "B", "quality": "C"}
-DEFAULT_RANK = {"effect": 128, "quality": 64}
 DEFAULT_TAU = 0.5
 DEFAULT_K_FRACTION = 1 / 3  # Effect: the last third of the blocks (10 of 30)
 # Wan widths -> number of blocks (DESIGN.md sec. 4), for LoRA files that do not say

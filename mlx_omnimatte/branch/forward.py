@@ -116,6 +116,8 @@ def branch_forward(model, expert: Optional[Expert], x_bg, x_alpha, t, context=No
     if x_bg.shape != x_alpha.shape:
         raise ValueError(f"branch inputs differ in shape: {x_bg.shape} vs {x_alpha.shape}")
     mask_type = check_mask_type(mask_type or (expert.mask_type if expert is not None else "A"))
+    if expert is not None and expert.dim != model.config.dim:
+        check_experts(model, expert)  # raises, naming the expert
     B = x_bg.shape[0]
     tokens, grid = model.patchify(mx.concatenate([x_bg, x_alpha], axis=0))
     n = tokens.shape[1]

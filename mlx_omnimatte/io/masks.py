@@ -36,10 +36,11 @@ FPS_TOLERANCE = 1e-3  # relative
 def read_mask(path: str | Path, fps: float | None = None) -> tuple[np.ndarray, VideoInfo]:
     """Decode a mask video or frame folder as grayscale uint8 ``[T, H, W]``.
 
-    Masks stored as 0/1 (some tools write PNGs that way) are scaled to 0/255.
+    Frame folders stored as 0/1 (some tools write PNGs that way) are scaled
+    to 0/255; videos are not (a lossy black video may hold stray 1s).
     """
     mask, info = read_video(path, fps=fps, gray=True)
-    if mask.max() == 1:
+    if Path(path).is_dir() and mask.max() == 1:
         mask = mask * np.uint8(255)
     return mask, info
 
@@ -149,6 +150,17 @@ def prepare_mask(
 
     gray = resize_masks(mask, size, mode="area") if size is not None else mask
     return dilate_mask(binarize_mask(gray, threshold), dilate)
+
+
+def prepare_masks(
+    masks: Sequence[np.ndarray], plan, threshold: float = THRESHOLD, dilate: int = DILATE
+) -> list[np.ndarray]:
+    """Raw clip masks -> bool masks on the model grid of ``plan`` (a
+    ``grid.GridPlan``): resized, binarized, dilated and mirror-padded to
+    ``plan.frames``; ready for ``build_trimask``."""
+    from .grid import pad_frames
+
+    return [pad_frames(prepare_mask(m, plan.size, threshold, dilate), plan.frames) for m in masks]
 
 
 def build_trimask(

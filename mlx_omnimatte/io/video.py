@@ -103,11 +103,12 @@ def _folder_info(folder: Path, fps: float) -> tuple[list[Path], VideoInfo]:
 
 
 def probe_video(path: str | Path, fps: float | None = None) -> VideoInfo:
-    """Frame count, size and fps of a video file or frame folder, without decoding.
+    """Frame count, size and fps of a video file or frame folder, cheaply.
 
-    For files the container's frame count is used when it has one; otherwise
-    (webm/mkv usually) the packets are counted, which demuxes but decodes
-    nothing. ``fps`` is used for folders (default 16) and ignored for files.
+    For files only the first frame is decoded (its display rotation decides
+    which side is the width); the frame count is the container's when it has
+    one, else (webm/mkv usually) a count of the demuxed packets. ``fps`` is
+    used for folders (default 16) and ignored for files.
     """
     path = Path(path)
     _check_exists(path)
@@ -119,7 +120,9 @@ def probe_video(path: str | Path, fps: float | None = None) -> VideoInfo:
         cc = stream.codec_context
         width, height = cc.width, cc.height
         first = next(container.decode(stream), None)  # the display rotation lives on frames
-        if first is not None and int(round(first.rotation / 90.0)) % 2:
+        if first is None:
+            raise OmnimatteError(f"{path}: the video has no frames")
+        if int(round(first.rotation / 90.0)) % 2:
             width, height = height, width
         frames = stream.frames
         if frames <= 0:

@@ -1,7 +1,7 @@
 """The Wan2.1 diffusion transformer (T2V, and I2V / Fun-InP with the CLIP image
 branch) in MLX, channels-last.
 
-    model(x, t, context, clip_fea=None) -> v
+    model(x, t, context, clip_fea=None, attn_fn=None) -> v
       x        [B, F, H, W, in_dim]   noise latent (+ mask + condition latent for InP)
       t        [B] (or a scalar)      timesteps in [0, 1000]
       context  [B, L, text_dim]       text embeddings, L <= text_len (512); shorter
@@ -138,6 +138,18 @@ def apply_rope(x, cos, sin):
     return out.reshape(x.shape).astype(x.dtype)
 
 
+@mx.compile
+def gelu_tanh(x):
+    # GELU's tanh approximation written as x * sigmoid(2z) (== 0.5x(1 + tanh z)):
+    # the same function, one transcendental, no pow (both slow on MLX's CPU backend)
+    return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
+class GELUTanh(nn.Module):
+    def __call__(self, x):
+        return gelu_tanh(x)
+
+
 def sdpa(q, k, v):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
@@ -268,7 +280,7 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps, cfg.image_dim is not None, cfg.text_len)
         if cfg.cross_attn_norm:
             self.norm3 = nn.LayerNorm(D, eps=cfg.eps)
-        self.ffn = [nn.Linear(D, cfg.ffn_dim), nn.GELU(approx="tanh"), nn.Linear(cfg.ffn_dim, D)]
+        self.ffn = [nn.Linear(D, cfg.ffn_dim), GELUTanh(), nn.Linear(cfg.ffn_dim, D)]
 
     def __call__(self, x, e6, ctx, rope, attn_fn=None):
         """x [B, L, D] float32; e6 [B, 6, D] float32; ctx from `embed_context`;
@@ -327,7 +339,7 @@ class Model(nn.Module):
         cfg = self.config = config
         D = cfg.dim
         self.patch_embedding = PatchEmbedding(cfg.in_dim, D, cfg.patch_size)
-        self.text_embedding = [nn.Linear(cfg.text_dim, D), nn.GELU(approx="tanh"), nn.Linear(D, D)]
+        self.text_embedding = [nn.Linear(cfg.text_dim, D), GELUTanh(), nn.Linear(D, D)]
         self.time_embedding = [nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D)]
         self.time_projection = [nn.SiLU(), nn.Linear(D, 6 * D)]
         if cfg.image_dim is not None:
@@ -390,11 +402,13 @@ class Model(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
-    def __call__(self, x, t, context, clip_fea=None):
+    def __call__(self, x, t, context, clip_fea=None, attn_fn=None):
+        """`attn_fn` (see the module docstring) replaces the self-attention
+        kernel in every block, e.g. a query-chunked one on a memory budget."""
         tokens, grid = self.patchify(x)
         temb, e6 = self.embed_time(t)  # a batch of 1 broadcasts over B
         ctx = self.embed_context(context, clip_fea)
         rope = self.rope(grid)
         for block in self.blocks:
-            tokens = block(tokens, e6, ctx, rope)
+            tokens = block(tokens, e6, ctx, rope, attn_fn)
         return self.unpatchify(self.head(tokens, temb), grid)

@@ -25,7 +25,7 @@ conv_shortcut`) and at the ends (`conv_in`, `norm_out`, `conv_out`,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -91,10 +91,15 @@ REP = _Rep()
 
 
 class ChunkCache:
-    """Per-module state carried from one temporal chunk to the next."""
+    """Per-module state carried from one temporal chunk to the next.
 
-    def __init__(self):
+    `settle` evaluates an activation right away: a lazily built chunk lets the
+    backend run ahead and hold the buffers (and conv temporaries) of many
+    layers at once; evaluating layer by layer keeps the peak near one layer's."""
+
+    def __init__(self, eager: bool = True):
         self.state: dict[int, object] = {}
+        self.eager = eager
 
     def get(self, module):
         return self.state.get(id(module))
@@ -105,6 +110,10 @@ class ChunkCache:
 
     def arrays(self) -> list:
         return [v for v in self.state.values() if isinstance(v, mx.array)]
+
+    def settle(self, *xs):
+        if self.eager:
+            mx.eval(*xs, *self.arrays())
 
 
 # --------------------------------------------------------------------------- layers
@@ -128,11 +137,13 @@ class CausalConv3d(nn.Conv3d):
         if self.pointwise:  # 1x1x1: a matmul
             return x @ self.weight.reshape(self.weight.shape[0], -1).T + self.bias
         front = self.time_pad
-        if prev is not None and front > 0:
-            x = mx.concatenate([prev, x], axis=1)
-            front -= prev.shape[1]
-        ph, pw = self.space_pad
-        y = mx.conv_general(x, self.weight, stride=self.conv_stride, padding=([front, ph, pw], [0, ph, pw]))
+        if front > 0:
+            pieces = [x] if prev is None else [prev, x]
+            front -= 0 if prev is None else prev.shape[1]
+            if front > 0:
+                pieces.insert(0, mx.zeros((x.shape[0], front, *x.shape[2:]), x.dtype))
+            x = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else x
+        y = mx.conv3d(x, self.weight, stride=self.conv_stride, padding=(0, *self.space_pad))
         return y + self.bias
 
 
@@ -147,6 +158,7 @@ def cached_conv(conv: CausalConv3d, x, cache: ChunkCache | None):
         keep = mx.concatenate([prev[:, -1:], keep], axis=1)
     y = conv(x, prev)
     cache.set(conv, keep)
+    cache.settle(y)
     return y
 
 
@@ -260,6 +272,8 @@ class Resample(nn.Module):
                 b, t, h, w, c = x.shape  # channels [2c] -> frames (2t): frame 2i+j = half j of step i
                 x = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
         x = self._spatial(x)
+        if cache is not None:
+            cache.settle(x)
         if self.mode == "downsample3d" and cache is not None:
             prev = cache.get(self)
             if prev is None:  # first chunk passes through; its last frame is kept
@@ -378,21 +392,29 @@ def _tiles(h: int, w: int, th: int, tw: int, ov: int, scale: int):
             yield y0, min(y0 + th, h), x0, min(x0 + tw, w), ry[:, None] * rx[None, :]
 
 
-# Peak-memory model of one tile (see parity/bench_vae.py, which measured it on
-# the MLX CPU backend): weights + bytes_per_pixel * tile pixels * itemsize/4,
-# plus the middle attention's score matrix. The per-pixel costs are for one
-# chunk: 4 input frames (encode) or one latent frame = 4 output frames (decode).
-BYTES_PER_PIXEL = {"encode": 9000.0, "decode": 9000.0}
+# Peak-memory model of one tile: weights + k * tile pixels (+ the middle
+# attention's scores), independent of the frame count. k (float32 bytes per
+# pixel of the tile, per chunk of 4 frames in / one latent frame out) was
+# measured with parity/bench_vae.py on the MLX CPU backend (60.3 / 62.6 KiB,
+# fitted at 64x96 and 128x224), plus 10% margin. Most of it is the CPU conv's
+# unfold buffer (27 * 96 channels * 4 frames * 4 bytes = 41.5 KB per pixel);
+# Metal's implicit-GEMM conv3d has none, so the GPU value is the CPU one minus
+# that buffer, plus margin: an estimate, not a measurement.
+BYTES_PER_PIXEL = {
+    "cpu": {"encode": 68_000, "decode": 70_000},
+    "gpu": {"encode": 26_000, "decode": 28_000},
+}
 
 
 def estimate_peak_bytes(stage: str, height: int, width: int, dtype=mx.float32, base_dim: int = 96,
-                        weights_bytes: int | None = None) -> int:
-    """Estimated peak memory of encoding/decoding a `height` x `width` (pixel)
-    tile, independent of the number of frames."""
-    item = np.dtype(np.float32).itemsize if dtype == mx.float32 else 2
+                        weights_bytes: int | None = None, device: str | None = None) -> int:
+    """Estimated peak memory (bytes) of encoding/decoding frames of `height` x
+    `width` pixels (one tile), whatever the number of frames."""
+    item = 4 if dtype == mx.float32 else 2
     if weights_bytes is None:
         weights_bytes = int(127e6 * (base_dim / 96) ** 2 * item)
-    act = BYTES_PER_PIXEL[stage] * (base_dim / 96) * height * width * item / 4
+    device = device or ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")
+    act = BYTES_PER_PIXEL[device][stage] * (base_dim / 96) * height * width * item / 4
     tokens = (height // 8) * (width // 8)
     scores = min(tokens * tokens * 4, AttentionBlock.max_scores_bytes)
     return int(weights_bytes + act + scores)
@@ -442,9 +464,11 @@ class Model(nn.Module):
             raise OmnimatteError(f"video: expected [B, T, H, W, 3], got shape {tuple(video.shape)}")
         b, t, h, w, c = video.shape
         if c != 3:
-            raise OmnimatteError(f"video: expected 3 channels (RGB) in the last axis, got {c} (shape {tuple(video.shape)})")
+            raise OmnimatteError(f"video: expected 3 channels (RGB) in the last axis, "
+                                 f"got {c} (shape {tuple(video.shape)})")
         if t < 1 or (t - 1) % f:
-            raise OmnimatteError(f"video: {t} frames; the VAE needs {f}n+1 frames (e.g. {1 + f * max(1, (t - 1) // f)})")
+            raise OmnimatteError(f"video: {t} frames; the VAE needs {f}n+1 frames "
+                                 f"(e.g. {1 + f * max(1, (t - 1) // f)})")
         if h % s or w % s or h == 0 or w == 0:
             raise OmnimatteError(f"video: {h}x{w} pixels; height and width must be positive multiples of {s}")
 
@@ -486,7 +510,7 @@ class Model(nn.Module):
             mu = self._encode_frames(video)
         else:
             lh, lw = h // s, w // s
-            th, tw, ov = _tile_grid(tl, s)
+            th, tw, ov = _tile_grid(tl, s, lh, lw)
             acc = np.zeros(self.latent_shape(video.shape), np.float32)
             wsum = np.zeros((lh, lw, 1), np.float32)
             for y0, y1, x0, x1, wt in _tiles(lh, lw, th, tw, ov, 1):
@@ -535,8 +559,8 @@ class Model(nn.Module):
         if tl is None:
             self._decode_frames(z, buf, None)
         else:
-            th, tw, ov = _tile_grid(tl, s)
             lh, lw = latents.shape[2:4]
+            th, tw, ov = _tile_grid(tl, s, lh, lw)
             buf[...] = 0
             wsum = np.zeros((lh * s, lw * s, 1), np.float32)
             for y0, y1, x0, x1, wt in _tiles(lh, lw, th, tw, ov, s):
@@ -564,16 +588,17 @@ class Model(nn.Module):
                 buf[:, t0:t0 + n] += np.array(y) * weight
             t0 += n
 
-    def __call__(self, video, **kw):
-        return self.decode(self.encode(video, **kw), **kw)
+    def __call__(self, video):
+        """Round trip (encode then decode), untiled."""
+        return self.decode(self.encode(video))
 
 
-def _tile_grid(tl: Tiling, s: int) -> tuple[int, int, int]:
-    """Tiling in pixels -> (tile h, tile w, overlap) in latent units."""
-    th, tw, ov = tl.height // s, tl.width // s, tl.overlap // s
-    if th < 1 or tw < 1 or ov < 0 or tl.height % s or tl.width % s or tl.overlap % s:
+def _tile_grid(tl: Tiling, s: int, lh: int, lw: int) -> tuple[int, int, int]:
+    """Tiling in pixels -> (tile h, tile w, overlap) in latent units, clamped to the frame."""
+    if min(tl.height, tl.width) < 1 or tl.overlap < 0 or tl.height % s or tl.width % s or tl.overlap % s:
         raise OmnimatteError(f"tiling: {tl} must use positive multiples of {s} pixels")
-    if ov >= min(th, tw):
+    th, tw, ov = min(tl.height // s, lh), min(tl.width // s, lw), tl.overlap // s
+    if (th < lh and ov >= th) or (tw < lw and ov >= tw):
         raise OmnimatteError(f"tiling: overlap {tl.overlap} must be smaller than the tile ({tl.height}x{tl.width})")
     return th, tw, ov
 
@@ -599,7 +624,8 @@ def choose_tiling(h: int, w: int, budget: int, estimate, s: int = 8, overlap: in
             return best[1]
         if _tile_len(h, n, overlap, s) < min(min_tile, h) and _tile_len(w, n, overlap, s) < min(min_tile, w):
             break
-    return Tiling(min(h, min_tile), min(w, min_tile), overlap)
+    th, tw = min(h, min_tile), min(w, min_tile)
+    return Tiling(th, tw, min(overlap, s * ((min(th, tw) // s - 1) // 2)))
 
 
 def _tile_len(size: int, n: int, overlap: int, s: int) -> int:

@@ -1,0 +1,52 @@
+"""Query chunk sizes from a memory budget; peak reporting."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_omnimatte import memory as M
+from mlx_omnimatte.errors import OmnimatteError
+
+
+def test_query_chunk_fits_budget():
+    # 12 heads x 32,768 keys, fp32: (4 + 4) bytes per score -> 3 MiB per query row
+    per_row = 12 * 32768 * 8
+    assert M.query_chunk(1 << 30, 12, 32768, mx.float32) == 320  # 341 rows fit, rounded to 64
+    assert M.query_chunk(1 << 30, 12, 32768, mx.float32) * per_row <= 1 << 30
+    # bf16 scores take less: more rows
+    assert M.query_chunk(1 << 30, 12, 32768, mx.bfloat16) == 448  # 455 fit
+    # batch 2 halves it; tiny budgets give single rows, never 0
+    assert M.query_chunk(1 << 30, 12, 32768, mx.float32, batch=2) == 128
+    assert M.query_chunk(per_row * 5, 12, 32768, mx.float32) == 5
+    assert M.query_chunk(10, 12, 32768, mx.float32) == 1
+    # capped at the query length
+    assert M.query_chunk(1 << 40, 12, 32768, mx.float32, query_len=1000) == 1000
+
+
+def test_attention_chunk_per_device():
+    chunk = M.attention_chunk(12, 32768, 32768, mx.float32)
+    if M.fused_attention():
+        assert chunk == 32768  # fused kernel: no score matrix, no chunking
+    else:
+        assert chunk == M.query_chunk(M.DEFAULT_ATTENTION_BUDGET, 12, 32768, mx.float32)
+    assert M.attention_chunk(12, 32768, 32768, mx.float32, budget_bytes=12 * 32768 * 8 * 64) == 64
+
+
+def test_bad_budget():
+    with pytest.raises(OmnimatteError, match="budget 0"):
+        M.query_chunk(0, 12, 100)
+    with pytest.raises(OmnimatteError, match="budget -5"):
+        M.query_chunk(-5, 12, 100)
+
+
+def test_peak_report():
+    report = M.PeakReport()
+    with report.stage("alloc"):
+        a = mx.zeros((1024, 1024))  # 4 MiB
+        mx.eval(a)
+    with report.stage("small"):
+        mx.eval(mx.zeros((8,)))
+    (n1, p1, s1), (n2, p2, _) = report.stages
+    assert n1 == "alloc" and p1 >= 4 << 20 and s1 >= 0
+    assert report.peak == max(p1, p2)
+    assert report.lines()[0].startswith("alloc: peak ") and "MiB" in report.lines()[0]
+    assert M.format_bytes(512) == "512 B" and M.format_bytes(3 << 30) == "3.00 GiB"
