@@ -42,8 +42,10 @@ def _expert_pairs(values) -> dict[str, Path]:
               help="Bundle: an expert LoRA, KIND effect or quality (repeatable).")
 @click.option("--expert-kind", type=click.Choice(EXPERT_KINDS), default=None,
               help="Single expert file: which expert it is (default: from its manifest or name).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="Text encoder: store 4- or 8-bit weights (8 recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, overwrite):
+def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, quantize, overwrite):
     """Convert PyTorch checkpoints (safetensors, sharded safetensors, or
     .pth/.pt/.bin zip pickles, read without torch and without running any
     code from them) into MLX.
@@ -58,12 +60,17 @@ def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, 
       mlx-omnimatte convert Wan2.1_VAE.pth -o models/vae
       mlx-omnimatte convert diffusion_pytorch_model.safetensors -o models/transformer --dtype float32
       mlx-omnimatte convert effect_lora.safetensors -o models/effect --component expert --expert-kind effect
+      mlx-omnimatte convert models_t5_umt5-xxl-enc-bf16.pth -o models/t5-8bit --quantize 8
+
+    The text encoder's tokenizer is taken from google/umt5-xxl/ beside the
+    checkpoint (or $MLX_OMNIMATTE_T5_TOKENIZER) and copied into OUT/tokenizer/.
     """
     check_output(out, overwrite)
     path = Path(src).expanduser()
     if is_model_folder(path) or (not path.exists() and is_hub_id(src)):
         folder = resolve_source(src)
-        build_bundle(folder, out, transformer, _expert_pairs(experts), dtype, overwrite, log=click.echo)
+        build_bundle(folder, out, transformer, _expert_pairs(experts), dtype, overwrite,
+                     int(quantize) if quantize else None, log=click.echo)
         click.echo(f"bundle -> {out}")
         return
     if transformer or experts:
@@ -72,6 +79,10 @@ def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, 
     spec, fmt = detect(ckpt, component, fmt)
     dtype = dtype or ("float32" if spec.component == "vae" else "bfloat16")
     options = {"kind": expert_kind} if spec.component == "expert" and expert_kind else {}
+    if quantize:
+        if spec.component != "t5":
+            raise OmnimatteError(f"{src}: --quantize applies to the text encoder, this is a {spec.component}")
+        options["quantize"] = int(quantize)
     converted = run_convert(ckpt, spec, fmt, dtype, **options)
     meta = {"source": str(path.resolve()), "source_format": fmt, "file_format": ckpt.file_format,
             "converter": "mlx-omnimatte"}

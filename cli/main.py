@@ -10,6 +10,7 @@ import click
 from mlx_omnimatte.errors import OmnimatteError
 
 from .convert import convert
+from .prompts import encode_prompts_cmd
 from .run import composite, decompose, remove
 
 
@@ -27,7 +28,7 @@ def cli():
     """
 
 
-for command in (convert, remove, decompose, composite):
+for command in (convert, remove, decompose, composite, encode_prompts_cmd):
     cli.add_command(command)
 
 

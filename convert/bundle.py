@@ -61,7 +61,7 @@ def _component_file(folder: Path, component: str) -> Path:
 
 def build_bundle(folder: Path, out: Path, transformer: Path | None = None,
                  experts: dict[str, Path] | None = None, dtype: str | None = None,
-                 overwrite: bool = False, log=print) -> Path:
+                 overwrite: bool = False, quantize_t5: int | None = None, log=print) -> Path:
     sources = {c: _component_file(folder, c) for c in FUN_FILES if c != "transformer" or transformer is None}
     if transformer is not None:
         sources["transformer"] = Path(transformer)
@@ -80,7 +80,8 @@ def build_bundle(folder: Path, out: Path, transformer: Path | None = None,
         for component, (ckpt, spec, fmt) in plans.items():
             dt = dtype or DEFAULT_DTYPES[component]
             log(f"converting {component} from {ckpt.source.name} ({fmt}) [{dt}]")
-            conv = convert(ckpt, spec, fmt, dt)
+            options = {"quantize": quantize_t5} if component == "t5" and quantize_t5 else {}
+            conv = convert(ckpt, spec, fmt, dt, **options)
             write_converted_into(tmp / component, conv, _meta(ckpt, fmt))
         for kind, (ckpt, spec, fmt) in expert_plans.items():
             log(f"converting {kind} expert from {ckpt.source.name} ({fmt})")

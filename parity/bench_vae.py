@@ -65,6 +65,7 @@ def main():
                                                   "9x128x224", "17x128x224"])
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--tile", default=None, help="also run tiled, tiles HxW pixels (overlap 16)")
+    ap.add_argument("--tiled-only", action="store_true", help="with --tile: skip the untiled runs")
     args = ap.parse_args()
 
     model = Model(Config(dtype=args.dtype))
@@ -77,7 +78,7 @@ def main():
     variants = [False]
     if args.tile:
         th, tw = (int(v) for v in args.tile.split("x"))
-        variants.append(Tiling(th, tw, 16))
+        variants = [Tiling(th, tw, 16)] + ([] if args.tiled_only else variants)
     for case in args.cases:
         t, h, w = parse_case(case)
         for tl in variants:

@@ -249,8 +249,9 @@ def open_clip_to_wan(sd: dict) -> dict:
                  .replace("visual.ln_pre.", "visual.pre_norm.").replace("visual.ln_post.", "visual.post_norm.")
                  .replace("visual.transformer.resblocks.", "visual.transformer.")
                  .replace(".ln_1.", ".norm1.").replace(".ln_2.", ".norm2.")
-                 .replace(".attn.in_proj_weight", ".attn.to_qkv.weight").replace(".attn.in_proj_bias", ".attn.to_qkv.bias")
-                 .replace(".attn.out_proj.", ".attn.proj.").replace(".mlp.c_fc.", ".mlp.0.").replace(".mlp.c_proj.", ".mlp.2."))
+                 .replace(".attn.in_proj_weight", ".attn.to_qkv.weight")
+                 .replace(".attn.in_proj_bias", ".attn.to_qkv.bias").replace(".attn.out_proj.", ".attn.proj.")
+                 .replace(".mlp.c_fc.", ".mlp.0.").replace(".mlp.c_proj.", ".mlp.2."))
         if k == "visual.class_embedding":
             name, v = "visual.cls_embedding", v.reshape(1, 1, -1)
         elif k == "visual.positional_embedding":

@@ -106,7 +106,6 @@ class RelativeBias(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.eps = cfg.eps
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.eps)
