@@ -42,10 +42,17 @@ def _expert_pairs(values) -> dict[str, Path]:
               help="Bundle: an expert LoRA, KIND effect or quality (repeatable).")
 @click.option("--expert-kind", type=click.Choice(EXPERT_KINDS), default=None,
               help="Single expert file: which expert it is (default: from its manifest or name).")
+@click.option("--k", "k", type=int, default=None, help="Effect expert: LoRA on the last K blocks (default 10 of 30).")
+@click.option("--mask-type", type=click.Choice(["A", "B", "C"]), default=None,
+              help="Expert attention type (default: B for effect, C for quality).")
+@click.option("--num-layers", type=int, default=None, help="Expert: depth of the model it was trained on.")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="Expert: JSON manifest (kind, rank, alpha, targets, k, mask_type, tau_default...).")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
               help="Text encoder: store 4- or 8-bit weights (8 recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, quantize, overwrite):
+def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, k, mask_type, num_layers,
+            manifest, quantize, overwrite):
     """Convert PyTorch checkpoints (safetensors, sharded safetensors, or
     .pth/.pt/.bin zip pickles, read without torch and without running any
     code from them) into MLX.
@@ -78,7 +85,12 @@ def convert(src, out, component, fmt, dtype, transformer, experts, expert_kind, 
     ckpt = read_checkpoint(path)
     spec, fmt = detect(ckpt, component, fmt)
     dtype = dtype or ("float32" if spec.component == "vae" else "bfloat16")
-    options = {"kind": expert_kind} if spec.component == "expert" and expert_kind else {}
+    given = {"kind": expert_kind, "k": k, "mask_type": mask_type, "num_layers": num_layers, "manifest": manifest}
+    given = {key: v for key, v in given.items() if v is not None}
+    if given and spec.component != "expert":
+        raise OmnimatteError(f"{src}: --{next(iter(given)).replace('_', '-')} applies to expert LoRA files, "
+                             f"this is a {spec.component}")
+    options = given
     if quantize:
         if spec.component != "t5":
             raise OmnimatteError(f"{src}: --quantize applies to the text encoder, this is a {spec.component}")

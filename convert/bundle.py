@@ -71,6 +71,8 @@ def build_bundle(folder: Path, out: Path, transformer: Path | None = None,
         ckpt = read_checkpoint(path)
         spec, fmt = detect(ckpt, component)
         plans[component] = (ckpt, spec, fmt)
+    ckpt, spec, fmt = plans["transformer"]
+    dit = spec.config_for(ckpt, fmt, Path(ckpt.source))
     expert_plans = {}
     for kind, path in (experts or {}).items():
         ckpt = read_checkpoint(path)
@@ -85,7 +87,8 @@ def build_bundle(folder: Path, out: Path, transformer: Path | None = None,
             write_converted_into(tmp / component, conv, _meta(ckpt, fmt))
         for kind, (ckpt, spec, fmt) in expert_plans.items():
             log(f"converting {kind} expert from {ckpt.source.name} ({fmt})")
-            conv = convert(ckpt, spec, fmt, dtype or "bfloat16", kind=kind)
+            conv = convert(ckpt, spec, fmt, dtype or "bfloat16", kind=kind, dim=dit["dim"],
+                           num_layers=dit["num_layers"])
             write_converted_into(tmp / "experts" / kind, conv, _meta(ckpt, fmt))
         write_manifest(tmp, {c: c for c in plans}, {k: f"experts/{k}" for k in expert_plans},
                        {"folder": str(folder), "transformer": str(sources["transformer"])})

@@ -8,7 +8,7 @@ from mlx_omnimatte import sampling
 from mlx_omnimatte.branch import Expert, LoRA, branch_forward, check_tau, route, sample_branch, select
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.weights import load_model
-from test_branch_helpers import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
+from branch_utils import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
 
 
 def test_route_and_tau():

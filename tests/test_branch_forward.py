@@ -7,7 +7,7 @@ import pytest
 
 from mlx_omnimatte.branch import Expert, LoRA, branch_forward, expert_applied, merge_expert
 from mlx_omnimatte.branch.lora import ReplicaLoRALinear
-from test_branch_helpers import TINY, inputs, random_adapter, tiny_model
+from branch_utils import TINY, inputs, random_adapter, tiny_model
 
 T = mx.array([700.0])
 

@@ -11,7 +11,7 @@ from mlx_omnimatte.branch import branch_forward
 from mlx_omnimatte.convert import lora as L
 from mlx_omnimatte.convert.readers import read_checkpoint
 from mlx_omnimatte.errors import OmnimatteError
-from test_branch_helpers import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
+from branch_utils import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
 
 RANK, ALPHA = 4, 8.0
 

@@ -403,7 +403,8 @@ def test_tiled_decode_close_to_untiled(damped):
         errs[tl.overlap] = (d.max(), d.mean(), dz.max(), dz.mean())
         print(f"tiny VAE {tl}: decode max {d.max():.4f} mean {d.mean():.5f}; "
               f"encode max {dz.max():.4f} mean {dz.mean():.5f}")
-    # measured: decode max 0.355 / mean 0.029 (overlap 16), 0.240 / 0.023 (overlap 48)
+    # measured: decode max 0.340 / mean 0.029, encode mean 0.017 (48x64, overlap 16);
+    # decode max 0.235 / mean 0.024, encode mean 0.014 (48x80, overlap 32)
     assert 0 < errs[16][0] < 0.5 and errs[16][1] < 0.04 and errs[16][3] < 0.03
     assert errs[32][1] < errs[16][1] and errs[32][3] < errs[16][3]
 

@@ -87,8 +87,8 @@ def run_decompose(clip: Clip, bundle: Bundle, settings: Settings, progress: Prog
     layers = {}
     src = clip.frames.astype(np.float32) / 255.0
     for name, (z_bg, z_alpha) in latents.items():
-        bg = from_model_grid(decode(vae, z_bg, progress, f"{name} background"), cond.plan)
-        alpha = from_model_grid(decode(vae, z_alpha, progress, f"{name} alpha").mean(-1), cond.plan)
+        bg = from_model_grid(decode(vae, z_bg, settings, progress, f"{name} background"), cond.plan)
+        alpha = from_model_grid(decode(vae, z_alpha, settings, progress, f"{name} alpha").mean(-1), cond.plan)
         alpha = np.clip(alpha, 0.0, 1.0)
         layers[name] = Layers(alpha, solve_foreground(src, alpha, bg), bg)
     return layers

@@ -3,7 +3,8 @@ from sizes alone (no weights loaded): `--dry-run` prints it, and a run
 predicted not to fit stops before loading anything.
 
 The activation models are simple and conservative (float32 where the code
-computes in float32); the VAE coefficients come from `parity/bench_vae.py`.
+computes in float32); the VAE's comes from `models.wan.vae.estimate_peak_bytes`
+(fitted by `parity/bench_vae.py`), with the tiles the run would choose.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from ..errors import OmnimatteError
 from ..io.grid import GridPlan
 from ..memory import DEFAULT_ATTENTION_BUDGET, fused_attention
 from ..weights import read_config
-from .stages import Settings, num_windows
+from ..models.wan import vae as wan_vae
+from .stages import Settings, num_windows, vae_budget
 
 GB = 1 << 30
-# Bytes per model-grid pixel held by the VAE at its peak (float32 activations
-# of a 4-frame chunk at full resolution with the causal caches), measured.
-VAE_ENCODE_BYTES_PER_PIXEL = 9_000
-VAE_DECODE_BYTES_PER_PIXEL = 12_000
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
 
 
@@ -107,19 +105,36 @@ def plan_run(mode: str, grid: GridPlan, objects: int, bundle: Bundle, settings: 
     if settings.dtype == "float32" and cfg.get("dtype") != "float32":
         dit_weights *= 2
     pixels = grid.width * grid.height
+    vae_cfg = read_config(bundle.path("vae"))
+    vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
     out_bytes = grid.frames * pixels * 3 * 4 * (1 + halves)
     run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens)
     run.stages = [
         StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"), 0 if prompt_cached else GB // 2),
         StagePlan("image encoder", bundle.weight_bytes("clip"), GB // 8),
-        StagePlan("vae encode", bundle.weight_bytes("vae"),
-                  VAE_ENCODE_BYTES_PER_PIXEL * pixels + grid.frames * pixels * 3 * 4),
-        StagePlan("denoise", dit_weights + bundle.weight_bytes("vae"),
-                  _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes),
-        StagePlan("vae decode", bundle.weight_bytes("vae"), VAE_DECODE_BYTES_PER_PIXEL * pixels + out_bytes),
+        _vae_stage("encode", grid, vae_cfg, vae_weights, settings, grid.frames * pixels * 3 * 4),
+        StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes),
+        _vae_stage("decode", grid, vae_cfg, vae_weights, settings, out_bytes),
     ]
     return run
+
+
+def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Settings, buffers: int) -> StagePlan:
+    """Peak of one VAE pass over a frame (or the tile the run would pick)."""
+    dtype = mx.float32 if cfg.get("dtype", "float32") == "float32" else mx.bfloat16
+    base = cfg.get("base_dim", 96)
+
+    def estimate(h, w):
+        return wan_vae.estimate_peak_bytes(stage, h, w, dtype, base, weights)
+
+    h, w = grid.height, grid.width
+    name = f"vae {stage}"
+    if settings.vae_tiling or (settings.vae_tiling is None and estimate(h, w) > vae_budget(settings)):
+        tiles = wan_vae.choose_tiling(h, w, vae_budget(settings), estimate)
+        h, w = min(h, tiles.height), min(w, tiles.width)
+        name += f" ({w}x{h} tiles)"
+    return StagePlan(name, weights, estimate(h, w) - weights + buffers)
 
 
 def check_fits(run: RunPlan, machine: int) -> None:

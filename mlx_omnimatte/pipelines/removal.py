@@ -52,5 +52,5 @@ def run_removal(clip: Clip, bundle: Bundle, settings: Settings, progress: Progre
         latents[label] = denoise(dit_velocity(dit, y, cond.context, cond.clip_fea), z, settings, progress, label)
     del dit
     free()
-    return {label: from_model_grid(decode(vae, z, progress, label), cond.plan)
+    return {label: from_model_grid(decode(vae, z, settings, progress, label), cond.plan)
             for label, z in latents.items()}

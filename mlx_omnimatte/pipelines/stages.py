@@ -36,7 +36,14 @@ class Settings:
     window: int = DEFAULT_WINDOW
     overlap: int = DEFAULT_OVERLAP
     cache_dir: str | None = None  # prompt-embedding cache
-    vae_tiling: bool | None = None  # None: chosen from the memory budget
+    vae_tiling: bool | None = None  # None: tiles only when a frame does not fit vae_budget
+    vae_budget: int | None = None  # bytes for the VAE; None: half of this machine's memory
+
+
+def vae_budget(settings: Settings) -> int:
+    from .plan import machine_memory  # plan imports this module
+
+    return settings.vae_budget or machine_memory() // 2
 
 
 def free() -> None:
@@ -60,7 +67,7 @@ def encode_conditioning(clip: Clip, bundle: Bundle, settings: Settings, progress
         bar.update()
     free()
     with progress.stage("vae encode", total=1, unit="video") as bar:
-        cond = vae.encode(mx.array(video[None]))
+        cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings))
         mx.eval(cond)
         bar.update()
     return Conditioning(plan, video, masks, context, clip_fea, cond)
@@ -97,13 +104,14 @@ def denoise(window_velocity, latents, settings: Settings, progress: Progress, la
         return sample(velocity, latents, sampler, callback=lambda i, t: bar.update())
 
 
-def decode(vae, latent: mx.array, progress: Progress, label: str) -> np.ndarray:
-    """Latent -> float32 video [T, H, W, 3] in [0, 1]."""
+def decode(vae, latent: mx.array, settings: Settings, progress: Progress, label: str) -> np.ndarray:
+    """Latent -> float32 video [T, H, W, 3] in [0, 1], decoded frame by frame
+    into a preallocated buffer."""
     with progress.stage(f"vae decode {label}", total=1, unit="video") as bar:
-        video = vae.decode(latent)
-        out = np.asarray((mx.clip(video[0].astype(mx.float32), -1, 1) + 1) * 0.5)
+        out = np.empty(vae.video_shape(latent.shape), np.float32)
+        vae.decode(latent, tiling=settings.vae_tiling, memory_budget=vae_budget(settings), out=out)
         bar.update()
-    return out
+    return (out[0] + 1.0) * 0.5
 
 
 def noise(key, cond_latent: mx.array, count: int) -> list[mx.array]:
