@@ -116,22 +116,17 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/x --dry-run
     """
     from mlx_omnimatte.pipelines.outputs import write_removal
-    from mlx_omnimatte.pipelines.plan import check_fits
     from mlx_omnimatte.pipelines.removal import removal_targets, run_removal
 
-    s, b, run, machine = _prepare("remove", input, masks, caption, bundle, out, frames, dry_run, overwrite, **settings)
-    if dry_run:
-        click.echo(run.render(machine))
-        return
-    check_fits(run, machine)
-    clip = _read(input, masks, caption, frames)
-    progress = Progress(enabled=not quiet)
-    targets = removal_targets(clip.names, per_object=objects != "all", all_objects=objects != "each")
-    backgrounds = run_removal(clip, b, s, progress, targets)
-    with progress.stage("write", total=1, unit="folder") as bar:
+    def generate(clip, b, s, progress):
+        targets = removal_targets(clip.names, per_object=objects != "all", all_objects=objects != "each")
+        return run_removal(clip, b, s, progress, targets)
+
+    def write(clip, backgrounds):
         write_removal(out, clip, backgrounds, bg_format, overwrite)
-        bar.update()
-    _finish(out, progress, quiet)
+
+    _execute("remove", generate, write, input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet,
+             **settings)
 
 
 @click.command()
@@ -154,19 +149,29 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
     """
     from mlx_omnimatte.pipelines.omnimatte import run_decompose
     from mlx_omnimatte.pipelines.outputs import write_decomposition
+
+    def write(clip, layers):
+        write_decomposition(out, clip, layers, formats or ("png",), bg_format, not no_preview, overwrite)
+
+    _execute("decompose", run_decompose, write, input, masks, caption, bundle, out, frames, dry_run, overwrite,
+             quiet, tau=tau, **settings)
+
+
+def _execute(mode, generate, write, input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet,
+             **settings):
+    """Plan; print the plan (dry run) or check it fits; read; generate; write."""
     from mlx_omnimatte.pipelines.plan import check_fits
 
-    s, b, run, machine = _prepare("decompose", input, masks, caption, bundle, out, frames, dry_run, overwrite,
-                                  tau=tau, **settings)
+    s, b, run, machine = _prepare(mode, input, masks, caption, bundle, out, frames, dry_run, overwrite, **settings)
     if dry_run:
         click.echo(run.render(machine))
         return
     check_fits(run, machine)
     clip = _read(input, masks, caption, frames)
     progress = Progress(enabled=not quiet)
-    layers = run_decompose(clip, b, s, progress)
+    result = generate(clip, b, s, progress)
     with progress.stage("write", total=1, unit="folder") as bar:
-        write_decomposition(out, clip, layers, formats or ("png",), bg_format, not no_preview, overwrite)
+        write(clip, result)
         bar.update()
     _finish(out, progress, quiet)
 

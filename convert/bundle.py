@@ -48,7 +48,8 @@ def resolve_source(src: str) -> Path:
         try:
             return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
         except Exception as e:  # network, auth, missing repo: one line for the user
-            raise OmnimatteError(f"{src}: download from the hub failed ({type(e).__name__}: {e})") from None
+            reason = " ".join(str(e).split())  # one line, whatever the hub client says
+            raise OmnimatteError(f"{src}: download from the hub failed ({type(e).__name__}: {reason})") from None
     raise OmnimatteError(f"{src}: no such file or directory")
 
 

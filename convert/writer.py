@@ -61,21 +61,21 @@ def write_converted_into(folder: Path, conv: Converted, metadata: dict, shard_by
     written: list[tuple[Path, list[str]]] = []
     current, size = {}, 0
 
-    def flush():
+    def flush(shard):
         path = folder / f"shard-{len(written):05d}.safetensors"
-        mx.save_safetensors(str(path), current, metadata=meta)
-        written.append((path, list(current)))
+        mx.save_safetensors(str(path), shard, metadata=meta)
+        written.append((path, list(shard)))
 
     for name, arr in conv.tensors():
         mx.eval(arr)
         if current and size + arr.nbytes > shard_bytes:
-            flush()
+            flush(current)
             current, size = {}, 0
         current[name] = arr
         size += arr.nbytes
     if current or not written:
-        flush()
-    del current
+        flush(current)
+    del current  # the last shard's arrays
     if len(written) == 1:
         written[0][0].rename(folder / "model.safetensors")
     else:

@@ -192,18 +192,11 @@ def reference_dual_expert_sampling(model, z_bg, z_alpha, cond, context, clip_fea
 # --------------------------------------------------------------------------- adapters
 
 
-def random_adapter(blocks, dim: int, rank: int, seed: int, targets=("self_attn.q", "self_attn.k", "self_attn.v",
-                                                                    "self_attn.o", "cross_attn.q", "cross_attn.o"),
-                   strength: float = 0.5) -> dict:
+def random_adapter(blocks, dim: int, rank: int, seed: int, strength: float = 0.5) -> dict:
     """A ~ N(0, 1/dim), B ~ strength * N(0, 1/rank): deltas a fair fraction of the base."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in blocks:
-        for t in targets:
-            a = (rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(np.float32)
-            b = (strength * rng.standard_normal((dim, rank)) / np.sqrt(rank)).astype(np.float32)
-            out[f"blocks.{i}.{t}"] = (a, b)
-    return out
+    from branch_utils import random_adapter as tests_adapter
+
+    return tests_adapter(blocks, dim, rank, seed, scale=strength)
 
 
 def write_adapter(adapter: dict, path: Path, fmt: str, alpha: float | None = None, manifest: dict | None = None,

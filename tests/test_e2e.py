@@ -306,9 +306,7 @@ def test_expert_for_another_model(models, tmp_path, capsys):
     root, bundle = models
     other = tmp_path / "bundle"
     shutil.copytree(bundle, other)
-    wide = {k: np.zeros((v.shape[0], 512) if "lora_A" in k else (512, v.shape[1]),
-                                                           np.float32)
-            for k, v in lora_state("effect", 0, [1]).items()}
+    wide = lora_state(0, [1], dim=512)
     save_file(wide, str(tmp_path / "wide.safetensors"))
     shutil.rmtree(other / "experts" / "effect")
     assert main_code(["convert", tmp_path / "wide.safetensors", "-o", other / "experts" / "effect",

@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
+from branch_utils import adapter_keys, random_adapter
 from ckpt_utils import save_torch_zip
 from mlx_omnimatte.convert.core import conv_weight_names
 from test_t5 import hf_weights, to_wan
@@ -117,18 +118,11 @@ def clip_state(seed: int = 2) -> dict[str, np.ndarray]:
     return state
 
 
-def lora_state(kind: str, seed: int, blocks) -> dict[str, np.ndarray]:
-    """A PEFT LoRA on self-attn q,k,v,o and cross-attn q,o of `blocks`."""
-    rng = np.random.default_rng(seed)
-    dim = DIT["dim"]
-    out = {}
-    for i in blocks:
-        for attn, names in (("attn1", ("to_q", "to_k", "to_v", "to_out.0")), ("attn2", ("to_q", "to_out.0"))):
-            for n in names:
-                p = f"transformer.blocks.{i}.{attn}.{n}"
-                out[f"{p}.lora_A.weight"] = (rng.standard_normal((LORA_RANK, dim)) / np.sqrt(dim)).astype(np.float32)
-                out[f"{p}.lora_B.weight"] = (0.5 * rng.standard_normal((dim, LORA_RANK)) / np.sqrt(LORA_RANK)).astype(np.float32)
-    return out
+def lora_state(seed: int, blocks, dim: int = DIT["dim"]) -> dict[str, np.ndarray]:
+    """A PEFT LoRA (diffusers module names, `transformer.` prefix) on
+    self-attn q,k,v,o and cross-attn q,o of `blocks`."""
+    adapter = random_adapter(blocks, dim, LORA_RANK, seed, scale=0.5)
+    return adapter_keys(adapter, "peft", prefix="transformer.", diffusers_names=True)
 
 
 def write_fun_folder(root: Path) -> Path:
@@ -151,8 +145,8 @@ def write_fun_folder(root: Path) -> Path:
                    {k: v.astype(np.float16) for k, v in clip_state().items()})
     save_file(dit_state(7), str(root / "casper.safetensors"))  # the removal fine-tune
     layers = DIT["num_layers"]
-    save_file(lora_state("effect", 11, [layers - 1]), str(root / "effect.safetensors"))
-    save_file(lora_state("quality", 12, range(layers)), str(root / "quality.safetensors"))
+    save_file(lora_state(11, [layers - 1]), str(root / "effect.safetensors"))
+    save_file(lora_state(12, range(layers)), str(root / "quality.safetensors"))
     return folder
 
 

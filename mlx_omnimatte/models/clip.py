@@ -14,10 +14,11 @@ LayerNorms in float32 too); matmuls in the weight dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from .base import BaseConfig
 
 # The normalization of the reference transforms (OpenAI CLIP statistics).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,7 +26,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     image_size: int = 224
     patch_size: int = 14
     width: int = 1280
@@ -36,10 +37,6 @@ class Config:
     # blocks run before the features are read: layers - 1 = the penultimate block
     feature_layers: int | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def num_tokens(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,10 +24,11 @@ import numpy as np
 from mlx.utils import tree_map_with_path
 
 from mlx_omnimatte.errors import OmnimatteError
+from .base import BaseConfig
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     vocab_size: int = 256384
     d_model: int = 4096
     d_kv: int = 64
@@ -40,10 +41,6 @@ class Config:
     # {"bits": 4|8, "group_size": 64} when the stored weights are quantized
     quantization: dict | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @lru_cache(maxsize=8)

@@ -59,10 +59,10 @@ class RunPlan:
             f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
             f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
             f"{self.tokens} tokens per forward",
-            f"{'stage':<22} {'weights GB':>10} {'activ. GB':>10} {'peak GB':>8}",
+            f"{'stage':<28} {'weights GB':>10} {'activ. GB':>10} {'peak GB':>8}",
         ]
         for s in self.stages:
-            lines.append(f"{s.name:<22} {s.weights / GB:>10.2f} {s.activations / GB:>10.2f} {s.peak / GB:>8.2f}")
+            lines.append(f"{s.name:<28} {s.weights / GB:>10.2f} {s.activations / GB:>10.2f} {s.peak / GB:>8.2f}")
         lines.append(f"predicted peak {self.peak / GB:.2f} GB of {machine / GB:.1f} GB on this machine "
                      f"({'fits' if self.fits(machine) else 'does NOT fit'})")
         return "\n".join(lines)

@@ -52,16 +52,17 @@ Casper), so converted checkpoints load without renaming:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from ..base import BaseConfig
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     dim: int = 1536
     ffn_dim: int = 8960
     num_heads: int = 12
@@ -88,15 +89,6 @@ class Config:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
 
 
 _1_3B = Config(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)

@@ -25,13 +25,14 @@ conv_shortcut`) and at the ends (`conv_in`, `norm_out`, `conv_out`,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from mlx_omnimatte.errors import OmnimatteError
+from ..base import BaseConfig
 
 CACHE_T = 2  # frames of input each causal conv keeps between chunks
 
@@ -44,7 +45,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple = (1, 2, 4, 4)
@@ -54,14 +55,6 @@ class Config:
     latents_std: tuple = LATENTS_STD
     dtype: str = "float32"  # compute dtype of a freshly built model (loaded weights keep theirs)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     def __post_init__(self):
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
