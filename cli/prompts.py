@@ -59,9 +59,9 @@ def encode_prompts_cmd(prompts, t5_dir, files, cache_dir, quantize, batch_size):
         texts += read_prompt_file(f)
     if not texts:
         raise OmnimatteError("encode-prompts: no prompts (give them as arguments or with --file)")
-    from mlx_omnimatte.memory import PeakReport
+    from mlx_omnimatte.progress import quiet
 
-    report, stats = PeakReport(), {}
+    report, stats = quiet(), {}
     encode_prompts(t5_dir, texts, cache_dir, quantize=int(quantize) if quantize else None,
                    batch_size=batch_size, report=report, stats=stats)
     for text, n in zip(texts, stats["tokens"]):

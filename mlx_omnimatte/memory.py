@@ -1,4 +1,4 @@
-"""Memory budgets, attention chunk sizes and peak reporting.
+"""Memory budgets and attention chunk sizes (stage peaks: `progress.py`).
 
 Attention is the one place where memory grows with the square of the token
 count. On Metal, ``mx.fast.scaled_dot_product_attention`` runs a fused
@@ -13,8 +13,6 @@ queries are cut into chunks whose scores fit a byte budget.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -64,43 +62,9 @@ def attention_chunk(heads: int, key_len: int, query_len: int, dtype=mx.float32, 
     return query_chunk(budget_bytes, heads, key_len, dtype, batch, query_len)
 
 
-# --------------------------------------------------------------------------- peak reporting
-
-
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
-
-
-class PeakReport:
-    """Peak memory and time per pipeline stage (``mx.get_peak_memory``).
-
-    >>> report = PeakReport()
-    >>> with report.stage("vae encode"):
-    ...     ...
-    >>> print("\\n".join(report.lines()))
-    """
-
-    def __init__(self):
-        self.stages: list[tuple[str, int, float]] = []  # (name, peak bytes, seconds)
-
-    @contextmanager
-    def stage(self, name: str):
-        mx.synchronize()
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            mx.synchronize()
-            self.stages.append((name, mx.get_peak_memory(), time.perf_counter() - start))
-
-    @property
-    def peak(self) -> int:
-        return max((p for _, p, _ in self.stages), default=0)
-
-    def lines(self) -> list[str]:
-        return [f"{name}: peak {format_bytes(p)}, {s:.1f} s" for name, p, s in self.stages]

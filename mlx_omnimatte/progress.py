@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from tqdm import tqdm
 
+from .memory import format_bytes
+
 GB = 1 << 30
 
 
@@ -31,6 +33,7 @@ class Progress:
     def stage(self, name: str, total: int | None = None, unit: str = "it"):
         """Yields a bar; call `bar.update()` per unit of work and
         `bar.set_postfix_str()` for detail (e.g. the expert of a step)."""
+        mx.synchronize()
         mx.reset_peak_memory()
         start = time.perf_counter()
         bar = tqdm(total=total, desc=name, unit=unit, file=self.stream, disable=not self.enabled,
@@ -39,7 +42,15 @@ class Progress:
             yield bar
         finally:
             bar.close()
+            mx.synchronize()
             self.records.append(StageRecord(name, time.perf_counter() - start, mx.get_peak_memory()))
+
+    @property
+    def peak(self) -> int:
+        return max((r.peak_bytes for r in self.records), default=0)
+
+    def lines(self) -> list[str]:
+        return [f"{r.name}: peak {format_bytes(r.peak_bytes)}, {r.seconds:.1f} s" for r in self.records]
 
     def summary(self) -> str:
         lines = [f"{'stage':<28} {'seconds':>9} {'peak GB':>8}"]

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import OmnimatteError
-from .memory import PeakReport
+from .progress import Progress, quiet
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _pad(context: mx.array, text_len: int) -> mx.array:
 
 
 def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = None, batch_size: int = 4,
-                   report: PeakReport | None = None, stats: dict | None = None) -> list[mx.array]:
+                   report: Progress | None = None, stats: dict | None = None) -> list[mx.array]:
     """Embeddings [512, d_model] (float32, zero past each prompt's tokens) of
     `prompts` (a text or a list of texts), read from the cache when present.
     The encoder is loaded only on a cache miss, run, and freed before return.
@@ -234,7 +234,7 @@ def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = No
     found = {t: _read_cached(_cache_file(root, fp, t), t) for t in dict.fromkeys(texts)}
     missing = [t for t, c in found.items() if c is None]
     if missing:
-        report = report if report is not None else PeakReport()
+        report = report if report is not None else quiet()
         tokenizer = load_tokenizer(t5_dir)
         with report.stage("text encoder"):
             model = load_text_encoder(t5_dir, quantize)
@@ -308,12 +308,12 @@ def clip_preprocess(frames, size: int = 224) -> mx.array:
     return ((x * 0.5 + 0.5) - mx.array(MEAN)) / mx.array(STD)
 
 
-def clip_features(clip_dir, frame, *, report: PeakReport | None = None) -> mx.array:
+def clip_features(clip_dir, frame, *, report: Progress | None = None) -> mx.array:
     """CLIP features [B, 257, 1280] (float32) of one frame [H, W, 3] (B = 1)
     or a batch: load the vision tower, preprocess, run, free."""
     from .weights import load_model
 
-    report = report if report is not None else PeakReport()
+    report = report if report is not None else quiet()
     with report.stage("clip"):
         model = load_model(clip_dir, component="clip")
         pixels = clip_preprocess(frame, model.config.image_size)

@@ -107,9 +107,9 @@ def test_clip_features_end_to_end(vit_h):
     model, dirs = vit_h
     f = frames((360, 640, 3), seed=4)
     ref = hf_clip_penultimate(model, torch_clip_preprocess(f[None].astype(np.float32) / 127.5 - 1.0)).numpy()
-    from mlx_omnimatte.memory import PeakReport
+    from mlx_omnimatte.progress import quiet
 
-    report = PeakReport()
+    report = quiet()
     out = text.clip_features(dirs["wan"], f, report=report)
     err = rel_err(np.array(out), ref)
     print(f"clip_features end to end: {err:.2e}; {report.lines()[-1]}")

@@ -56,15 +56,13 @@ def encode_conditioning(clip: Clip, bundle: Bundle, settings: Settings, progress
     video = model_video(clip, plan)
     masks = model_masks(clip, plan)
     caption = clip.caption or ""
-    with progress.stage("text encoder", total=1, unit="prompt") as bar:
-        context = text.encode_prompts(bundle.path("t5"), [caption], settings.cache_dir)[0]
-        context = mx.array(context)[None] if context.ndim == 2 else context
-        bar.update()
+    # each encoder loads, runs and frees inside its own stage of `progress`;
+    # a cached prompt loads nothing
+    context = text.encode_prompts(bundle.path("t5"), [caption], settings.cache_dir, report=progress)[0]
+    context = mx.array(context)[None]
     free()
-    with progress.stage("image encoder", total=1, unit="frame") as bar:
-        clip_fea = text.clip_features(bundle.path("clip"), clip.frames[0])
-        mx.eval(clip_fea)
-        bar.update()
+    clip_fea = text.clip_features(bundle.path("clip"), clip.frames[0], report=progress)
+    mx.eval(clip_fea)
     free()
     with progress.stage("vae encode", total=1, unit="video") as bar:
         cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings))
