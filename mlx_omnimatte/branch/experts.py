@@ -39,13 +39,8 @@ DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "
 SUPPORTED_TARGETS = DEFAULT_TARGETS
 DEFAULT_MASK = {"effect": "B", "quality": "C"}
 DEFAULT_TAU = 0.5
-DEFAULT_K_FRACTION = 1 / 3  # Effect: the last third of the blocks (10 of 30)
 # Wan widths -> number of blocks (DESIGN.md sec. 4), for LoRA files that do not say
 LAYERS_BY_DIM = {1536: 30, 5120: 40}
-
-
-def default_k(num_layers: int) -> int:
-    return max(1, round(num_layers * DEFAULT_K_FRACTION))
 
 
 def check_tau(tau) -> float:
