@@ -71,7 +71,8 @@ def _prepare(mode, input, masks, caption, bundle, out, frames, dry_run, overwrit
     from mlx_omnimatte.io.grid import plan_grid
     from mlx_omnimatte.pipelines.api import settings_from
     from mlx_omnimatte.pipelines.omnimatte import experts_needed
-    from mlx_omnimatte.pipelines.plan import machine_memory, plan_run
+    from mlx_omnimatte.memory import machine_memory
+    from mlx_omnimatte.pipelines.plan import plan_run
 
     if not dry_run:
         check_output(out, overwrite)

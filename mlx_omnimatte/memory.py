@@ -13,6 +13,8 @@ queries are cut into chunks whose scores fit a byte budget.
 
 from __future__ import annotations
 
+import os
+
 
 import mlx.core as mx
 
@@ -68,3 +70,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def machine_memory() -> int:
+    """Unified memory on a Mac (what Metal may use), else physical RAM."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        if info.get("memory_size"):
+            return int(info["memory_size"])
+    except (RuntimeError, AttributeError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

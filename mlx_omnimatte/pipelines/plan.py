@@ -9,7 +9,6 @@ computes in float32); the VAE's comes from `models.wan.vae.estimate_peak_bytes`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -69,17 +68,6 @@ class RunPlan:
 
     def fits(self, machine: int) -> bool:
         return self.peak <= FIT_FRACTION * machine
-
-
-def machine_memory() -> int:
-    """Unified memory on a Mac (what Metal may use), else physical RAM."""
-    try:
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        if info.get("memory_size"):
-            return int(info["memory_size"])
-    except (RuntimeError, AttributeError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _dit_activations(cfg: dict, tokens: int, dtype_bytes: int) -> int:

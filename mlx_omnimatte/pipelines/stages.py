@@ -14,6 +14,7 @@ from .. import text
 from ..bundle import Bundle
 from ..errors import OmnimatteError
 from ..io.inputs import Clip
+from ..memory import machine_memory
 from ..progress import Progress
 from ..sampling import make_sampler, sample
 from ..weights import load_model
@@ -41,8 +42,6 @@ class Settings:
 
 
 def vae_budget(settings: Settings) -> int:
-    from .plan import machine_memory  # plan imports this module
-
     return settings.vae_budget or machine_memory() // 2
 
 
