@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..branch.attention import make_attn_fn
 from ..bundle import Bundle
 from ..io.grid import from_model_grid
 from ..io.inputs import Clip
@@ -29,11 +30,15 @@ def removal_targets(names: list[str], per_object: bool = True, all_objects: bool
     return targets
 
 
-def dit_velocity(dit, y: mx.array, context: mx.array, clip_fea: mx.array):
-    """Velocity of one temporal window for the plain (removal) DiT."""
+def dit_velocity(dit, y: mx.array, ctx: mx.array):
+    """Velocity of one temporal window for the plain (removal) DiT; `ctx` is
+    the embedded prompt, computed once per run, and self-attention is
+    query-chunked to the memory budget where SDPA is not fused."""
+    attn_fn = make_attn_fn("A")
+
     def velocity(x, t, span):
         s, e = span
-        return dit(model_input(x, y[:, s:e]), mx.array([t], dtype=mx.float32), context, clip_fea)
+        return dit.forward(model_input(x, y[:, s:e]), mx.array([t], dtype=mx.float32), ctx, attn_fn)
 
     return velocity
 
@@ -45,12 +50,14 @@ def run_removal(clip: Clip, bundle: Bundle, settings: Settings, progress: Progre
     vae = load_vae(bundle, progress)
     cond = encode_conditioning(clip, bundle, settings, progress, vae)
     dit = load_stage(bundle, "transformer", progress, settings.dtype)
+    ctx = dit.embed_context(cond.context, cond.clip_fea)
+    mx.eval(ctx)
     latents = {}
     starts = noise(mx.random.key(settings.seed), cond.cond_latent, len(targets))
     for (label, remove), z in zip(targets, starts):
         y = condition_channels(build_trimask(cond.masks, remove), cond.cond_latent)
-        latents[label] = denoise(dit_velocity(dit, y, cond.context, cond.clip_fea), z, settings, progress, label)
-    del dit
+        latents[label] = denoise(dit_velocity(dit, y, ctx), z, settings, progress, label)
+    del dit, ctx
     free()
     return {label: from_model_grid(decode(vae, z, settings, progress, label), cond.plan)
             for label, z in latents.items()}

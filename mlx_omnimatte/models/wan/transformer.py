@@ -397,9 +397,13 @@ class Model(nn.Module):
     def __call__(self, x, t, context, clip_fea=None, attn_fn=None):
         """`attn_fn` (see the module docstring) replaces the self-attention
         kernel in every block, e.g. a query-chunked one on a memory budget."""
+        return self.forward(x, t, self.embed_context(context, clip_fea), attn_fn)
+
+    def forward(self, x, t, ctx, attn_fn=None):
+        """The forward with the context already embedded (`embed_context`),
+        for samplers that call the model many times with one prompt."""
         tokens, grid = self.patchify(x)
         temb, e6 = self.embed_time(t)  # a batch of 1 broadcasts over B
-        ctx = self.embed_context(context, clip_fea)
         rope = self.rope(grid)
         for block in self.blocks:
             tokens = block(tokens, e6, ctx, rope, attn_fn)
