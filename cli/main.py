@@ -1,20 +1,62 @@
-"""`mlx-omnimatte`: the command line. Each command lives in its own module;
-this one holds the group and the error policy (one line, exit status 2)."""
+"""`mlx-omnimatte`: the command line. Each command lives in its own module,
+imported only when that command runs (so `--help` and quick commands do not
+load every model); this one holds the group, the command table and the error
+policy: one line, exit status 2 (also for the system's errors: a full disk,
+a folder that cannot be written); Ctrl-C, SIGTERM and SIGHUP leave nothing
+half-written and exit 130, 143 and 129."""
 
 from __future__ import annotations
 
+import importlib
+import signal
 import sys
 
 import click
 
 from mlx_omnimatte.errors import OmnimatteError
 
-from .convert import convert
-from .prompts import encode_prompts_cmd
-from .run import composite, decompose, remove
+# command name -> "module:function"
+COMMANDS = {
+    "convert": "mlx_omnimatte.cli.convert:convert",
+    "remove": "mlx_omnimatte.cli.run:remove",
+    "decompose": "mlx_omnimatte.cli.run:decompose",
+    "composite": "mlx_omnimatte.cli.run:composite",
+    "encode-prompts": "mlx_omnimatte.cli.prompts:encode_prompts_cmd",
+    "synth": "mlx_omnimatte.cli.synth:synth",
+    "evaluate": "mlx_omnimatte.cli.evaluate:evaluate_cmd",
+    "prepare": "mlx_omnimatte.cli.train:prepare",
+    "train": "mlx_omnimatte.cli.train:train",
+    "export": "mlx_omnimatte.cli.train:export",
+    "analyze": "mlx_omnimatte.cli.analyze:analyze",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised where the program is so that every open
+    atomic output is removed on the way out (as for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-omnimatte")
 def cli():
     """Video layer decomposition (omnimatte) with MLX.
@@ -28,25 +70,29 @@ def cli():
     """
 
 
-for command in (convert, remove, decompose, composite, encode_prompts_cmd):
-    cli.add_command(command)
-
-
 def main(argv=None):
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         cli.main(args=argv, standalone_mode=False)
     except OmnimatteError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except Terminated as e:
+        click.echo(f"terminated by {signal.Signals(e.signum).name}: nothing was written", err=True)
+        sys.exit(128 + e.signum)
     except click.ClickException as e:
         e.show()
         sys.exit(2)
+    except OSError as e:  # disk full, permissions: the system's words, one line; outputs already removed
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; nothing was written", err=True)
+        sys.exit(2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     sys.exit(0)
 
 

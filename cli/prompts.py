@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.progress import quiet
+from mlx_omnimatte.prompts import encode_prompts
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -52,15 +54,11 @@ def encode_prompts_cmd(prompts, t5_dir, files, cache_dir, quantize, batch_size):
       mlx-omnimatte encode-prompts --t5 models/t5 -f prompts.txt
       mlx-omnimatte encode-prompts --t5 models/t5 -f clip/prompt.json --quantize 8
     """
-    from mlx_omnimatte.text import encode_prompts
-
     texts = list(prompts)
     for f in files:
         texts += read_prompt_file(f)
     if not texts:
         raise OmnimatteError("encode-prompts: no prompts (give them as arguments or with --file)")
-    from mlx_omnimatte.progress import quiet
-
     report, stats = quiet(), {}
     encode_prompts(t5_dir, texts, cache_dir, quantize=int(quantize) if quantize else None,
                    batch_size=batch_size, report=report, stats=stats)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 
-
 import mlx.core as mx
 
 from .errors import OmnimatteError
+
+GB = 1 << 30
 
 # Bytes the materialized scores of one attention call may take when no budget
 # is given (CPU / non-Metal). For a 2 x 32,760-token 1.3B step (12 heads,

@@ -26,7 +26,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_omnimatte.models.wan.vae import Config, Model, Tiling
+from mlx_omnimatte.models.wan.vae import Config, Model
+from mlx_omnimatte.models.wan.vae_tiling import Tiling
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

@@ -273,6 +273,3 @@ def torch_clip_preprocess(frames_bhwc_minus1_1: np.ndarray, size: int = 224) -> 
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
-
-def rel_err(mine: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(mine, np.float64) - ref).max() / np.abs(ref).max())

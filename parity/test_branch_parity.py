@@ -30,8 +30,10 @@ from branch_reference import (  # noqa: E402
     random_adapter, reference_branch, reference_dual_expert_sampling, write_adapter)
 from wan_reference import build_reference, reference_forward, write_format  # noqa: E402
 
-from mlx_omnimatte import sampling  # noqa: E402
-from mlx_omnimatte.branch import branch_forward, sample_branch  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from mlx_omnimatte.branch import branch_forward  # noqa: E402
+from mlx_omnimatte.pipelines.omnimatte import DualExpert, denoise_layers  # noqa: E402
+from mlx_omnimatte.pipelines.settings import Settings  # noqa: E402
 from mlx_omnimatte.cli.main import main  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import PRESETS, Config  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
@@ -49,10 +51,6 @@ def convert_cli(src, out):
     assert e.value.code == 0
     return json.loads((out / "config.json").read_text())
 
-
-def rel_err(y, ref) -> float:
-    assert y.shape == ref.shape
-    return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
 class Case:
@@ -143,10 +141,16 @@ def test_tiny_dual_expert_sampling(tiny):
         tiny.torch_model, tiny.z_bg, tiny.z_alpha, tiny.cond, tiny.context, tiny.clip, tiny.ref_experts, tau, steps)
     assert "effect" in kinds and "quality" in kinds
     ran = []
-    zb, za = sample_branch(tiny.model, mx.array(tiny.z_bg), mx.array(tiny.z_alpha), mx.array(tiny.cond),
-                           mx.array(tiny.context), mx.array(tiny.clip), sampling.make_sampler("euler", steps, 5.0),
-                           tiny.experts["effect"], tiny.experts["quality"], tau,
-                           on_expert=lambda i, k: ran.append(k))
+
+    def report(stage, done, total, detail=""):
+        if done:
+            ran.append(detail.split()[0])
+
+    # the loop `decompose` runs (windows, routing, schedule check)
+    ctx = tiny.model.embed_context(mx.array(tiny.context), mx.array(tiny.clip))
+    dual = DualExpert.of(tiny.experts, tau)
+    zb, za = denoise_layers(tiny.model, dual, mx.array(tiny.z_bg), mx.array(tiny.z_alpha), mx.array(tiny.cond),
+                            ctx, Settings(steps=steps, shift=5.0, dtype="float32"), report)
     assert ran == kinds
     e_bg, e_a = rel_err(np.array(zb), zb_ref), rel_err(np.array(za), za_ref)
     print(f"\ntiny dual-expert Euler {steps} steps ({kinds.count('effect')} effect, "

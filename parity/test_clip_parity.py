@@ -21,10 +21,11 @@ pytest.importorskip("transformers")
 import mlx.core as mx  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+from helpers import rel_err  # noqa: E402
 from encoder_reference import (  # noqa: E402
-    hf_clip_penultimate, hf_clip_to_open_clip, hf_clip_vision, open_clip_to_wan, rel_err, torch_clip_preprocess,
+    hf_clip_penultimate, hf_clip_to_open_clip, hf_clip_vision, open_clip_to_wan, torch_clip_preprocess,
 )
-from mlx_omnimatte import text  # noqa: E402
+from mlx_omnimatte import image_encoder as text  # noqa: E402
 from mlx_omnimatte.cli.main import cli  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 

@@ -21,10 +21,11 @@ pytest.importorskip("transformers")
 import mlx.core as mx  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+from helpers import rel_err  # noqa: E402
 from encoder_reference import (  # noqa: E402
-    PROMPT_CORPUS, build_spm_tokenizer, hf_to_wan_t5, hf_umt5, rel_err, wan_clean, wan_tokenize,
+    PROMPT_CORPUS, build_spm_tokenizer, hf_to_wan_t5, hf_umt5, wan_clean, wan_tokenize,
 )
-from mlx_omnimatte import text  # noqa: E402
+from mlx_omnimatte import prompts as text  # noqa: E402
 from mlx_omnimatte.cli.main import cli  # noqa: E402
 from mlx_omnimatte.models.t5 import relative_buckets  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
@@ -171,11 +172,6 @@ def test_clean_matches_wan():
     ]
     for s in samples:
         assert text.clean_prompt(s) == wan_clean(s), s
-        # the fallback used when ftfy is absent agrees on these too
-        import html
-
-        fallback = html.unescape(html.unescape(text._fix_text_fallback(s))).strip()
-        assert text._WHITESPACE.sub(" ", fallback).strip() == wan_clean(s), s
 
 
 # --------------------------------------------------------------------------- the pipeline

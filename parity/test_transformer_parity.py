@@ -26,6 +26,7 @@ import mlx.core as mx  # noqa: E402
 from wan_reference import (  # noqa: E402
     FILE_TYPES, FORMATS, build_reference, load_bf16_reference, make_inputs, reference_forward, write_format)
 
+from helpers import rel_err  # noqa: E402
 from mlx_omnimatte.cli.main import main  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import PRESETS, Config  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
@@ -54,10 +55,6 @@ def mlx_forward(model, inputs) -> np.ndarray:
     y = model(mx.array(inputs["x"]), mx.array(inputs["t"]), mx.array(inputs["context"]), clip)
     return np.array(y.astype(mx.float32))
 
-
-def rel_err(y, ref) -> float:
-    assert y.shape == ref.shape
-    return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
 class Case:

@@ -27,8 +27,9 @@ pytest.importorskip("diffusers")
 import mlx.core as mx  # noqa: E402
 import vae_reference as ref  # noqa: E402
 
+from helpers import rel_err  # noqa: E402
 from mlx_omnimatte.cli.main import main  # noqa: E402
-from mlx_omnimatte.models.wan.vae import Tiling  # noqa: E402
+from mlx_omnimatte.models.wan.vae_tiling import Tiling  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -55,9 +56,6 @@ def make_setup(root: Path, **config):
 def video(t, h, w, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32)
 
-
-def rel_err(got, want) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
 
 
 def check(name, got, want):

@@ -11,6 +11,9 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import save_file
 
+from mlx.utils import tree_unflatten
+
+from helpers import random_params
 from mlx_omnimatte.models.wan.transformer import Config, Model
 
 TINY = dict(dim=64, ffn_dim=96, num_heads=2, num_layers=4, in_dim=36, out_dim=16, text_dim=48,
@@ -22,26 +25,9 @@ DIFFUSERS_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "se
 
 def tiny_model(seed: int = 0, **overrides) -> Model:
     """Tiny DiT; every parameter random and O(1) (norm weights near 1)."""
-    cfg = Config(**{**TINY, **overrides})
-    model = Model(cfg)
-    rng = np.random.default_rng(seed)
-    params = {}
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    for name, p in tree_flatten(model.parameters()):
-        shape = p.shape
-        if "norm" in name and name.endswith("weight") or name.endswith(".proj.0.weight") or name.endswith(
-                ".proj.4.weight"):
-            v = 1 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            v = 0.05 * rng.standard_normal(shape)
-        elif "modulation" in name:
-            v = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        else:
-            fan_in = int(np.prod(shape[1:]))
-            v = rng.standard_normal(shape) / np.sqrt(fan_in)
-        params[name] = mx.array(v.astype(np.float32))
-    model.update(tree_unflatten(list(params.items())))
+    model = Model(Config(**{**TINY, **overrides}))
+    params = random_params(model, seed, norm=0.1, bias=0.05, modulation=TINY["dim"] ** -0.5)
+    model.update(tree_unflatten([(k, mx.array(v)) for k, v in params.items()]))
     model.eval()
     return model
 

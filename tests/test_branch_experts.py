@@ -1,12 +1,15 @@
 """Expert routing by timestep, tau checks, width checks, and the dual-expert
-sampling loop (both latents stepped together, experts switched at tau)."""
+sampling loop that `decompose` runs (`pipelines.omnimatte.denoise_layers`:
+both latents stepped together, experts switched at tau)."""
 
 import mlx.core as mx
 import pytest
 
 from mlx_omnimatte import sampling
-from mlx_omnimatte.branch import Expert, LoRA, branch_forward, check_tau, route, sample_branch, select
+from mlx_omnimatte.branch import Expert, LoRA, branch_forward, check_tau, route, select
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.pipelines.omnimatte import DualExpert, denoise_layers
+from mlx_omnimatte.pipelines.settings import Settings
 from mlx_omnimatte.weights import load_model
 from branch_utils import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
 
@@ -28,6 +31,23 @@ def _expert(kind, blocks, mask, dim=64, seed=1):
                   rank=4, alpha=4, dim=dim, num_layers=4, mask_type=mask)
 
 
+def sample_branch(model, x, steps, effect=None, quality=None, tau=None, sampler="euler", shift=5.0):
+    """The product's loop on the test inputs; returns (z_bg, z_alpha) and the
+    expert that ran at each step (from the progress reports)."""
+    ctx = model.embed_context(x["context"], x["clip_fea"])
+    experts = {k: e for k, e in (("effect", effect), ("quality", quality)) if e is not None}
+    dual = DualExpert.of(experts, tau)
+    kinds = []
+
+    def report(stage, done, total, detail=""):
+        if done:
+            kinds.append(detail.split()[0])
+
+    settings = Settings(steps=steps, shift=shift, sampler=sampler, dtype="float32")
+    zb, za = denoise_layers(model, dual, x["z_bg"], x["z_alpha"], x["cond"], ctx, settings, report)
+    return zb, za, kinds
+
+
 def test_select_needs_the_routed_expert():
     q = _expert("quality", range(4), "C")
     assert select(100.0, 0.5, None, q) is q
@@ -43,8 +63,7 @@ def test_expert_for_another_width(tmp_path):
     model = tiny_model()
     x = inputs(model)
     with pytest.raises(OmnimatteError, match=r"wide: expert for model width 96, the transformer has width 64"):
-        sample_branch(model, x["z_bg"], x["z_alpha"], x["cond"], x["context"], x["clip_fea"],
-                      sampling.make_sampler("euler", 2), quality=wide, tau=1.0)
+        sample_branch(model, x, 2, quality=wide, tau=1.0)
     with pytest.raises(OmnimatteError, match=r"wide: expert for model width 96"):
         branch_forward(model, wide, x["z_bg"], x["z_alpha"], 500.0, x["context"], x["clip_fea"], cond=x["cond"])
     with pytest.raises(OmnimatteError, match="LoRA on block 5, the transformer has 4 blocks"):
@@ -65,9 +84,7 @@ def test_dual_expert_sampling_matches_manual_loop():
     x = inputs(model)
     effect, quality = _expert("effect", [2, 3], "B", seed=2), _expert("quality", range(4), "C", seed=3)
     sampler = sampling.make_sampler("euler", 6, 5.0)
-    kinds = []
-    zb, za = sample_branch(model, x["z_bg"], x["z_alpha"], x["cond"], x["context"], x["clip_fea"], sampler,
-                           effect, quality, tau=0.5, on_expert=lambda i, k: kinds.append(k))
+    zb, za, kinds = sample_branch(model, x, 6, effect, quality, tau=0.5)
     expect = ["effect" if t / 1000 > 0.5 else "quality" for t in sampler.timesteps]
     assert kinds == expect and "effect" in kinds and "quality" in kinds
     # by hand: one branch forward per step, both latents stepped with the same sigmas
@@ -91,10 +108,8 @@ def test_tau_extremes_use_one_expert(tau, only):
     effect, quality = _expert("effect", [1], "B"), _expert("quality", range(2), "C")
     for e in (effect, quality):
         e.num_layers = 2
-    kinds = []
-    sample_branch(model, x["z_bg"], x["z_alpha"], x["cond"], x["context"], x["clip_fea"],
-                  sampling.make_sampler("unipc", 3), effect if only == "effect" else None,
-                  quality if only == "quality" else None, tau=tau, on_expert=lambda i, k: kinds.append(k))
+    _, _, kinds = sample_branch(model, x, 3, effect if only == "effect" else None,
+                                quality if only == "quality" else None, tau=tau, sampler="unipc")
     assert kinds == [only] * 3
 
 
@@ -102,10 +117,17 @@ def test_bad_tau_and_missing_expert_fail_before_sampling():
     model = tiny_model(num_layers=2)
     x = inputs(model, frames=1)
     q = _expert("quality", range(2), "C")
-    args = (model, x["z_bg"], x["z_alpha"], x["cond"], x["context"], x["clip_fea"], sampling.make_sampler("euler", 3))
+    steps = []
+
+    def counting(stage, done, total, detail=""):
+        steps.append(done)
+
+    ctx = model.embed_context(x["context"], x["clip_fea"])
     with pytest.raises(OmnimatteError, match=r"tau 1.5: must lie in \[0, 1\]"):
-        sample_branch(*args, None, q, tau=1.5)
+        sample_branch(model, x, 3, None, q, tau=1.5)
     with pytest.raises(OmnimatteError, match="effect expert is needed"):
-        sample_branch(*args, None, q, tau=0.5)
+        denoise_layers(model, DualExpert.of({"quality": q}, 0.5), x["z_bg"], x["z_alpha"], x["cond"], ctx,
+                       Settings(steps=3), counting)
+    assert steps == []  # refused before the first step
     with pytest.raises(OmnimatteError, match="needs an Effect or a Quality expert"):
-        sample_branch(*args, None, None, tau=0.5)
+        sample_branch(model, x, 3, None, None, tau=0.5)

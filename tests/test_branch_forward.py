@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from helpers import rel_err
 from mlx_omnimatte.branch import Expert, LoRA, branch_forward, expert_applied, merge_expert
 from mlx_omnimatte.branch.lora import ReplicaLoRALinear
 from branch_utils import TINY, inputs, random_adapter, tiny_model
@@ -33,10 +34,6 @@ def _run(model, expert, x, mask=None, **kw):
     return branch_forward(model, expert, x["x_bg"], x["x_alpha"], T, x["context"], x["clip_fea"], mask, **kw)
 
 
-def _rel(a, b):
-    return float(mx.abs(a - b).max() / mx.abs(b).max())
-
-
 def test_background_half_is_the_plain_model_under_b_and_c(setup):
     model, x, plain_bg = setup
     effect = _expert("effect", [2, 3], "B")
@@ -44,10 +41,10 @@ def test_background_half_is_the_plain_model_under_b_and_c(setup):
     for expert in (effect, quality, None):
         for mask in ("B", "C"):
             v_bg, v_alpha = _run(model, expert, x, mask)
-            assert _rel(v_bg, plain_bg) < 1e-5, (expert and expert.kind, mask)
+            assert rel_err(v_bg, plain_bg) < 1e-5, (expert and expert.kind, mask)
     # under A the background sees the alpha tokens
     v_bg, _ = _run(model, None, x, "A")
-    assert _rel(v_bg, plain_bg) > 1e-3
+    assert rel_err(v_bg, plain_bg) > 1e-3
 
 
 def test_identical_halves_share_positions(setup):
@@ -58,7 +55,7 @@ def test_identical_halves_share_positions(setup):
     plain = model(x["x_alpha"], T, x["context"], x["clip_fea"])
     for mask in "ABC":
         a, b = branch_forward(model, None, x["x_alpha"], x["x_alpha"], T, x["context"], x["clip_fea"], mask)
-        assert _rel(a, plain) < 1e-5 and _rel(b, plain) < 1e-5, mask
+        assert rel_err(a, plain) < 1e-5 and rel_err(b, plain) < 1e-5, mask
 
 
 def test_quality_replica_equals_merged_model(setup):
@@ -69,9 +66,9 @@ def test_quality_replica_equals_merged_model(setup):
     _, v_alpha = _run(model, quality, x)
     merged = merge_expert(tiny_model(), quality)  # same seed = same weights
     ref = merged(x["x_alpha"], T, x["context"], x["clip_fea"])
-    assert _rel(v_alpha, ref) < 1e-5
+    assert rel_err(v_alpha, ref) < 1e-5
     unmerged = model(x["x_alpha"], T, x["context"], x["clip_fea"])
-    assert _rel(ref, unmerged) > 1e-2  # the LoRA changes the output
+    assert rel_err(ref, unmerged) > 1e-2  # the LoRA changes the output
 
 
 def test_effect_lora_only_on_its_blocks(setup):
@@ -81,11 +78,11 @@ def test_effect_lora_only_on_its_blocks(setup):
     effect = _expert("effect", [2, 3], "B")
     _, v = _run(model, effect, x)
     _, v0 = _run(model, None, x, "B")
-    assert _rel(v, v0) > 1e-2
+    assert rel_err(v, v0) > 1e-2
     zero = Expert(**{**effect.__dict__, "lora": {m: LoRA(l.a, mx.zeros_like(l.b)) for m, l in effect.lora.items()},
                      "_cache": {}})
     _, vz = _run(model, zero, x)
-    assert _rel(vz, v0) < 1e-6
+    assert rel_err(vz, v0) < 1e-6
 
 
 def test_domain_embedding_goes_to_the_replica(setup):
@@ -95,7 +92,7 @@ def test_domain_embedding_goes_to_the_replica(setup):
     e0 = _expert("effect", [3], "B")
     v_bg, v_a = _run(model, e, x)
     _, v_a0 = _run(model, e0, x)
-    assert _rel(v_bg, plain_bg) < 1e-5 and _rel(v_a, v_a0) > 1e-3
+    assert rel_err(v_bg, plain_bg) < 1e-5 and rel_err(v_a, v_a0) > 1e-3
 
 
 def test_cond_argument_and_precomputed_ctx(setup):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
-from mlx_omnimatte import text
+from mlx_omnimatte import image_encoder
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import clip
@@ -197,31 +197,31 @@ def test_ignored_keys_reported(sources, tmp_path):
 
 
 def test_bicubic_matrix():
-    m = text.bicubic_matrix(832, 224)
+    m = image_encoder.bicubic_matrix(832, 224)
     assert m.shape == (224, 832) and np.allclose(m.sum(1), 1, atol=1e-6)
-    np.testing.assert_array_equal(text.bicubic_matrix(50, 50), np.eye(50, dtype=np.float32))
+    np.testing.assert_array_equal(image_encoder.bicubic_matrix(50, 50), np.eye(50, dtype=np.float32))
     # 4 -> 2: source x = 0.5, taps at -1 (clamped to 0), 0, 1, 2 with Keys' A = -0.75 weights
-    np.testing.assert_allclose(text.bicubic_matrix(4, 2)[0], [-0.09375 + 0.59375, 0.59375, -0.09375, 0], atol=1e-7)
+    np.testing.assert_allclose(image_encoder.bicubic_matrix(4, 2)[0], [-0.09375 + 0.59375, 0.59375, -0.09375, 0], atol=1e-7)
 
 
 def test_preprocess_inputs():
     rng = np.random.default_rng(0)
     f = rng.integers(0, 256, (60, 90, 3)).astype(np.uint8)
-    a = np.array(text.clip_preprocess(f))
-    b = np.array(text.clip_preprocess(f.astype(np.float32) / 127.5 - 1))
+    a = np.array(image_encoder.clip_preprocess(f))
+    b = np.array(image_encoder.clip_preprocess(f.astype(np.float32) / 127.5 - 1))
     assert a.shape == (1, 224, 224, 3) and np.abs(a - b).max() < 1e-5
     # a flat grey frame maps to (0.5 - mean) / std everywhere
-    grey = np.array(text.clip_preprocess(np.zeros((1, 30, 40, 3), np.float32)))
+    grey = np.array(image_encoder.clip_preprocess(np.zeros((1, 30, 40, 3), np.float32)))
     assert np.allclose(grey, (0.5 - np.array(clip.MEAN)) / np.array(clip.STD), atol=1e-6)
     with pytest.raises(OmnimatteError, match="expected"):
-        text.clip_preprocess(np.zeros((30, 40)))
+        image_encoder.clip_preprocess(np.zeros((30, 40)))
 
 
 def test_clip_features(sources, tmp_path):
     out_dir = tmp_path / "c"
     assert convert(sources / "open_clip.safetensors", "-o", out_dir, "--dtype", "float32").exit_code == 0
     frame = np.random.default_rng(1).integers(0, 256, (90, 160, 3)).astype(np.uint8)
-    feats = text.clip_features(out_dir, frame)
+    feats = image_encoder.clip_features(out_dir, frame)
     model = load_model(out_dir, component="clip")
-    ref = model(text.clip_preprocess(frame, 28))
+    ref = model(image_encoder.clip_preprocess(frame, 28))
     assert feats.shape == (1, 5, 1280) and mx.array_equal(feats, ref)

@@ -6,7 +6,6 @@ import pytest
 from mlx_omnimatte.compositing import (
     ALPHA_FLOOR,
     EPS,
-    composite,
     over_checkerboard,
     recompose,
     rgba,
@@ -14,6 +13,7 @@ from mlx_omnimatte.compositing import (
     to_uint8,
 )
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.io.compose import composite
 
 T, H, W = 4, 32, 48
 

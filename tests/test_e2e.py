@@ -7,6 +7,8 @@ stderr, exit status 2, nothing left behind."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -211,15 +213,18 @@ def test_long_video_runs_through_windows(models, tmp_path, capsys):
 
 @needs_examples
 def test_dry_run_1_3b_figures(models, tmp_path, capsys):
-    """The plan at the default 480x832-class grid for 81 frames."""
+    """The plan at the 480x832 grid for 81 frames; by default a small source
+    is not upscaled to it."""
     _, bundle = models
     clip = tmp_path / "clip81"
-    video, mask = synthetic_clip(clip, frames=81, size=(208, 120))  # same aspect: scaled to 832x480
-    code, stdout, _ = run(["decompose", video, "--mask", mask, "--bundle", bundle, "-o", tmp_path / "x",
-                           "--dry-run"], capsys)
+    video, mask = synthetic_clip(clip, frames=81, size=(208, 120))  # the aspect of 832x480
+    args = ["decompose", video, "--mask", mask, "--bundle", bundle, "-o", tmp_path / "x", "--dry-run"]
+    code, stdout, _ = run([*args, "--size", "832x480"], capsys)
     assert code == 0
     assert "model grid 832x480, 81 frames (21 latent frames, 0 padded)" in stdout
     assert "65520 tokens per forward" in stdout  # 2 halves x 21 x 30 x 52
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "source: 208x120, 81 frames -> model grid 208x128" in stdout
     assert not (tmp_path / "x").exists()
 
 
@@ -346,7 +351,7 @@ def test_interrupt_leaves_nothing(models, tmp_path, capsys, monkeypatch):
         real(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mlx_omnimatte.pipelines.removal.decode", interrupted)
+    monkeypatch.setattr(stages, "decode", interrupted)
     out = tmp_path / "out"
     code, _, err = run(["remove", video, "--mask", mask, "--bundle", bundle, "-o", out, "--steps", "1",
                         "--size", "64x32", "--quiet"], capsys)
@@ -373,6 +378,44 @@ def test_interrupt_while_writing_leaves_nothing(models, tmp_path, capsys, monkey
                       "--size", "64x32", "--quiet"], capsys)
     assert code == 130 and calls
     assert list(tmp_path.iterdir()) == [tmp_path / "c"]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_while_writing_leaves_nothing(models, tmp_path, capsys, monkeypatch, sig, code):
+    """SIGTERM / SIGHUP halfway through writing: handled like Ctrl-C."""
+    import mlx_omnimatte.pipelines.outputs as outputs
+
+    _, bundle = models
+    video, mask = synthetic_clip(tmp_path / "c")
+    real = outputs.write_background
+
+    def killed(*a, **k):
+        real(*a, **k)  # one background file is on disk in the hidden folder
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(outputs, "write_background", killed)
+    out = tmp_path / "out"
+    status, _, err = run(["remove", video, "--mask", mask, "--bundle", bundle, "-o", out, "--steps", "1",
+                          "--size", "64x32", "--quiet"], capsys)
+    assert status == code and f"terminated by {sig.name}" in err
+    assert len([l for l in err.splitlines() if l.strip()]) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "c"]
+
+
+def test_bad_seed_refused_before_any_weight(models, tmp_path, capsys, monkeypatch):
+    from mlx_omnimatte.pipelines import omnimatte, stages
+
+    _, bundle = models
+    video, mask = synthetic_clip(tmp_path / "c")
+    loads = []
+    for module in (stages, omnimatte):  # every place a run loads weights from
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a))
+    for seed, dry in (("-1", False), (str(1 << 64), False), ("-1", True)):
+        out = tmp_path / "out"
+        args = ["decompose", video, "--mask", mask, "--bundle", bundle, "-o", out, "--seed", seed]
+        assert_refused(args + (["--dry-run"] if dry else []), capsys, f"seed {seed}", out)
+    assert loads == []
 
 
 def test_nan_in_latents_stops_with_step_and_precision(models, tmp_path, capsys):

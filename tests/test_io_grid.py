@@ -76,9 +76,18 @@ def test_padding_matches_reference(length):
 
 
 def test_plan_grid_fields():
-    plan = plan_grid(640, 384, 85)
+    plan = plan_grid(1280, 768, 85)
     assert (plan.size, plan.frames, plan.pad_frames, plan.latent_frames, plan.latent_size) == (
         (816, 496), 85, 0, 22, (102, 62))
+
+
+def test_default_grid_never_upscales():
+    # a 640x384 source stays at its own size; a 96x64 one is not blown up to ~480x832
+    assert plan_grid(640, 384, 85).size == (640, 384)
+    assert plan_grid(96, 64, 9).size == (96, 64)
+    assert plan_grid(100, 60, 9).size == (96, 64)  # rounded to multiples of 16 at the source's area
+    assert plan_grid(1920, 1080, 9).size == (848, 480)
+    assert plan_grid(96, 64, 9, size="832x480").size == (832, 480)  # asked for
     plan = plan_grid(640, 384, 30, size="832x480")
     assert (plan.size, plan.frames, plan.pad_frames, plan.src_size) == ((832, 480), 81, 51, (640, 384))
     assert plan_grid(640, 384, 30, size=(320, 192)).size == (320, 192)

@@ -41,12 +41,16 @@ def test_bad_budget():
 def test_stage_peaks():
     from mlx_omnimatte.progress import quiet
 
+    from mlx_omnimatte.progress import stage
+
     report = quiet()
-    with report.stage("alloc"):
+    with stage(report, "alloc", 1) as tick:
         a = mx.zeros((1024, 1024))  # 4 MiB
         mx.eval(a)
-    with report.stage("small"):
+        tick()
+    with stage(report, "small"):
         mx.eval(mx.zeros((8,)))
+    assert len(report.records) == 2
     (n1, s1, p1), (n2, _, p2) = [(r.name, r.seconds, r.peak_bytes) for r in report.records]
     assert n1 == "alloc" and p1 >= 4 << 20 and s1 >= 0
     assert report.peak == max(p1, p2)

@@ -110,3 +110,26 @@ def test_truncated_torch_zip(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(OmnimatteError, match="no such file"):
         read_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_safetensors_metadata_and_every_numpy_dtype(tmp_path):
+    t = {str(d): np.arange(6).astype(d).reshape(2, 3)
+         for d in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_)}
+    t["empty"] = np.zeros((0, 3), np.float32)
+    save_file(t, str(tmp_path / "m.safetensors"), metadata={"lora_adapter_metadata": '{"r": 4}'})
+    ck = read_checkpoint(tmp_path / "m.safetensors")
+    assert ck.metadata == {"lora_adapter_metadata": '{"r": 4}'}
+    for key, want in t.items():
+        got = ck[key].load()
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sharded_index_names_a_missing_tensor(tmp_path):
+    save_file({"a": np.ones(2, np.float32)}, str(tmp_path / "m-1.safetensors"))
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"b": "m-1.safetensors"}}))
+    with pytest.raises(OmnimatteError, match="tensor b named in the index is absent"):
+        read_checkpoint(tmp_path / "m.safetensors.index.json")
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weights": {}}))
+    with pytest.raises(OmnimatteError, match="not a safetensors index"):
+        read_checkpoint(tmp_path / "m.safetensors.index.json")

@@ -14,48 +14,9 @@ from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
 from mlx_omnimatte.weights import load_model
-from test_text import make_tokenizer
+from encoder_utils import hf_weights, make_tokenizer, to_wan
 
 CFG = dict(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=2)
-
-
-def hf_weights(seed=0, vocab=300, d=64, inner=64, ff=96, heads=4, layers=2):
-    rng = np.random.default_rng(seed)
-
-    def r(*shape, scale=None):
-        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
-
-    w = {"shared.weight": r(vocab, d, scale=1.0), "encoder.final_layer_norm.weight": 1 + r(d, scale=0.1)}
-    for i in range(layers):
-        p = f"encoder.block.{i}.layer."
-        for n in "qkv":
-            w[f"{p}0.SelfAttention.{n}.weight"] = r(inner, d)
-        w[f"{p}0.SelfAttention.o.weight"] = r(d, inner)
-        w[f"{p}0.SelfAttention.relative_attention_bias.weight"] = r(32, heads, scale=1.0)
-        w[f"{p}0.layer_norm.weight"] = 1 + r(d, scale=0.1)
-        w[f"{p}1.DenseReluDense.wi_0.weight"] = r(ff, d)
-        w[f"{p}1.DenseReluDense.wi_1.weight"] = r(ff, d)
-        w[f"{p}1.DenseReluDense.wo.weight"] = r(d, ff)
-        w[f"{p}1.layer_norm.weight"] = 1 + r(d, scale=0.1)
-    return w
-
-
-WAN_NAMES = {
-    "0.SelfAttention.q": "attn.q", "0.SelfAttention.k": "attn.k", "0.SelfAttention.v": "attn.v",
-    "0.SelfAttention.o": "attn.o", "0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
-    "0.layer_norm": "norm1", "1.layer_norm": "norm2", "1.DenseReluDense.wi_0": "ffn.gate.0",
-    "1.DenseReluDense.wi_1": "ffn.fc1", "1.DenseReluDense.wo": "ffn.fc2",
-}
-
-
-def to_wan(w):
-    out = {"token_embedding.weight": w["shared.weight"], "norm.weight": w["encoder.final_layer_norm.weight"]}
-    for k, v in w.items():
-        if k.startswith("encoder.block."):
-            parts = k.split(".")
-            sub = ".".join(parts[4:-1])
-            out[f"blocks.{parts[2]}.{WAN_NAMES[sub]}.weight"] = v
-    return out
 
 
 def convert(*args):

@@ -2,7 +2,6 @@
 encode-prompts command, with a tiny tokenizer and a tiny converted UMT5."""
 
 import json
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -10,39 +9,15 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from mlx_omnimatte import text
+from encoder_utils import CORPUS, hf_weights, make_tokenizer
+from mlx_omnimatte import prompts as text
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.cli.prompts import encode_prompts_cmd
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
 
-CORPUS = ["A quiet street at dusk with parked cars and wet asphalt.", "Ein ruhiger Park im Herbst, Blätter fallen.",
-          "海边的日落，波浪拍打沙滩。", "Une cuisine vide avec une table en bois.",
-          "the empty room, sunlight through the window"]
-
-
-def make_tokenizer(folder):
-    """A tiny umt5-like tokenizer.json: Unigram, <pad>=0 </s>=1 <unk>=2,
-    Metaspace pre-tokenizer, `$A </s>` post-processor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    from test_t5 import hf_weights
 
     root = tmp_path_factory.mktemp("t5")
     src = root / "src"
@@ -82,8 +57,7 @@ def test_encode_cleans_once(t5_dir, tmp_path):
     assert stats["tokens"] == [n_once]
 
 
-def test_clean_fallback_without_ftfy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy -> ImportError
+def test_clean_quotes_ligatures_width_controls():
     assert text.clean_prompt("it’s “ﬁne”  ＡＢＣ\x07 e\u0301") == "it's \"fine\" ABC \u00e9"
 
 

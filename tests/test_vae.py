@@ -20,6 +20,7 @@ from mlx_omnimatte.convert import vae as convert_vae
 from mlx_omnimatte.convert.readers import Checkpoint, LazyTensor
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models.wan import vae as V
+from mlx_omnimatte.models.wan import vae_tiling as T
 from mlx_omnimatte.weights import load_model
 
 DIM = 8
@@ -324,7 +325,7 @@ def test_bfloat16_close_to_float32(tiny_models):
 
 def test_tile_starts_cover_with_overlap():
     for size, tile, ov in [(60, 32, 8), (104, 32, 8), (33, 16, 4), (10, 16, 4), (64, 32, 0)]:
-        starts = V.tile_starts(size, tile, ov)
+        starts = T.tile_starts(size, tile, ov)
         assert starts[0] == 0 and min(starts[-1] + tile, size) == size
         for a, b in zip(starts, starts[1:]):
             assert a + tile - b >= ov  # at least the requested overlap
@@ -334,7 +335,7 @@ def test_tile_starts_cover_with_overlap():
 def test_blend_weights_are_a_partition_of_unity():
     h, w = 20, 27
     total = np.zeros((h * 8, w * 8))
-    tiles = list(V._tiles(h, w, 8, 10, 3, 8))
+    tiles = list(T.tiles(h, w, 8, 10, 3, 8))
     assert len(tiles) > 4
     for y0, y1, x0, x1, wt in tiles:
         assert wt.shape == ((y1 - y0) * 8, (x1 - x0) * 8) and wt.min() > 0
@@ -363,7 +364,7 @@ def _pointwise(monkeypatch, model):
     monkeypatch.setattr(V.Model, "_decode_frames", fake_decode)
 
 
-@pytest.mark.parametrize("tl", [V.Tiling(32, 32, 8), V.Tiling(24, 40, 16), V.Tiling(64, 16, 8)])
+@pytest.mark.parametrize("tl", [T.Tiling(32, 32, 8), T.Tiling(24, 40, 16), T.Tiling(64, 16, 8)])
 def test_tiling_is_exact_for_pointwise_networks(tiny, monkeypatch, tl):
     _pointwise(monkeypatch, tiny)
     x = video(5, 56, 72)
@@ -395,9 +396,9 @@ def test_tiled_decode_close_to_untiled(damped):
     x = video(5, 64, 96)
     z = m.encode(x)
     ref = np.array(m.decode(z, tiling=False))
-    np.testing.assert_array_equal(np.array(m.decode(z, tiling=V.Tiling(64, 96, 16))), ref)
+    np.testing.assert_array_equal(np.array(m.decode(z, tiling=T.Tiling(64, 96, 16))), ref)
     errs = {}
-    for tl in (V.Tiling(48, 64, 16), V.Tiling(48, 80, 32)):
+    for tl in (T.Tiling(48, 64, 16), T.Tiling(48, 80, 32)):
         d = np.abs(np.array(m.decode(z, tiling=tl)) - ref)
         dz = np.abs(np.array(m.encode(x, tiling=tl)) - np.array(z))
         errs[tl.overlap] = (d.max(), d.mean(), dz.max(), dz.mean())
@@ -414,22 +415,22 @@ def test_automatic_tiling_follows_the_budget(tiny):
     assert tiny._tiling_for("decode", h, w, None, None) is None
     assert tiny._tiling_for("decode", h, w, None, 1 << 40) is None
     assert tiny._tiling_for("decode", h, w, False, 1) is None
-    assert tiny._tiling_for("decode", h, w, True, None) == V.Tiling()
-    full = V.estimate_peak_bytes("decode", h, w, mx.float32, DIM, tiny.weights_bytes)
+    assert tiny._tiling_for("decode", h, w, True, None) == T.Tiling()
+    full = T.estimate_peak_bytes("decode", h, w, mx.float32, DIM, tiny.weights_bytes)
     tl = tiny._tiling_for("decode", h, w, None, full // 3)
-    assert isinstance(tl, V.Tiling) and tl.height * tl.width < h * w
-    assert V.estimate_peak_bytes("decode", tl.height, tl.width, mx.float32, DIM, tiny.weights_bytes) <= full // 3
+    assert isinstance(tl, T.Tiling) and tl.height * tl.width < h * w
+    assert T.estimate_peak_bytes("decode", tl.height, tl.width, mx.float32, DIM, tiny.weights_bytes) <= full // 3
     # the full-size model at 81 x 480 x 832 within 8 GiB on the CPU backend needs tiles
-    assert V.estimate_peak_bytes("decode", h, w, device="cpu") > 8 << 30
-    big = V.choose_tiling(h, w, 8 << 30, lambda a, b: V.estimate_peak_bytes("decode", a, b, device="cpu"))
-    assert V.estimate_peak_bytes("decode", big.height, big.width, device="cpu") <= 8 << 30
+    assert T.estimate_peak_bytes("decode", h, w, device="cpu") > 8 << 30
+    big = T.choose_tiling(h, w, 8 << 30, lambda a, b: T.estimate_peak_bytes("decode", a, b, device="cpu"))
+    assert T.estimate_peak_bytes("decode", big.height, big.width, device="cpu") <= 8 << 30
     with pytest.raises(OmnimatteError, match="tiling"):
-        tiny.decode(mx.zeros((1, 1, 4, 4, 16)), tiling=V.Tiling(12, 16, 8))
+        tiny.decode(mx.zeros((1, 1, 4, 4, 16)), tiling=T.Tiling(12, 16, 8))
 
 
 def test_automatic_tiling_runs(tiny, monkeypatch):
     z = tiny.encode(video(5, 144, 96))
-    est = V.estimate_peak_bytes("decode", 144, 96, mx.float32, DIM, tiny.weights_bytes)
+    est = T.estimate_peak_bytes("decode", 144, 96, mx.float32, DIM, tiny.weights_bytes)
     calls = []
     real = V.Model._decode_frames
     monkeypatch.setattr(V.Model, "_decode_frames", lambda self, *a: calls.append(a[0].shape) or real(self, *a))

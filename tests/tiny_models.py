@@ -18,14 +18,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from branch_utils import adapter_keys, random_adapter
+from helpers import random_params
 from ckpt_utils import save_torch_zip
 from mlx_omnimatte.convert.core import conv_weight_names
-from test_t5 import hf_weights, to_wan
-from test_text import make_tokenizer
+from encoder_utils import hf_weights, make_tokenizer, to_wan
 
 TEXT_DIM = 64
 DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=TEXT_DIM,
@@ -66,20 +65,10 @@ def _rename(name: str, table) -> str:
 
 def source_state(model, table=(), seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
     """Random weights for every parameter of `model`, in torch layout, named
-    by `table`. Norm gains stay near 1 so activations stay O(1)."""
-    rng = np.random.default_rng(seed)
+    by `table`."""
     convs = conv_weight_names(model)
     out = {}
-    for name, p in tree_flatten(model.parameters()):
-        shape = tuple(p.shape)
-        if re.search(r"(norm|gamma|ln_|pre_norm)", name) and name.endswith(("weight", "gamma")):
-            a = 1.0 + 0.05 * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            a = 0.02 * rng.standard_normal(shape)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[-1]
-            a = scale * rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-        a = a.astype(np.float32)
+    for name, a in random_params(model, seed, scale=scale).items():
         if name in convs and a.ndim >= 3:
             a = np.moveaxis(a, -1, 1)  # MLX (O, *k, I) -> torch (O, I, *k)
         out[_rename(name, table)] = a

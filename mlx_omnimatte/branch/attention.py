@@ -12,10 +12,8 @@ The sequence is [inpaint tokens (N) | matting tokens (N)]; rows are queries.
 Each piece is an unmasked SDPA on key/value slices, so B costs 3/4 and C 1/2
 of A's work, and the fused GPU kernel applies everywhere. An array mask in
 MLX's SDPA skips no work and materializes the whole score matrix: never
-used here. Queries are split into chunks sized by a memory budget
-(`memory.attention_chunk`): needed on the CPU, where SDPA materializes the
-scores of every chunk; on the GPU the fused kernel needs none and runs
-unchunked unless a budget is given.
+used here. Each piece is `models.base.sdpa`, query-chunked to a memory
+budget where the kernel is not fused.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import math
 import mlx.core as mx
 
 from ..errors import OmnimatteError
-from ..memory import attention_chunk
+from ..models.base import sdpa
 
 MASK_TYPES = ("A", "B", "C")
 
@@ -35,32 +33,6 @@ def check_mask_type(mask_type) -> str:
     if m not in MASK_TYPES:
         raise OmnimatteError(f"attention mask type {mask_type!r}: unknown (one of A, B, C)")
     return m
-
-
-def _eval_eager(x) -> None:
-    """Evaluate a chunk now: left lazy, the scheduler computes every chunk's
-    scores before any softmax (measured: 8.5 chunks' worth at peak instead of
-    ~1.3). Inside mx.compile/vmap evaluation is not allowed: stay lazy there."""
-    try:
-        mx.eval(x)
-    except ValueError as e:
-        if "function transformations" not in str(e):
-            raise
-
-
-def sdpa(q, k, v, scale: float, budget_bytes: int | None = None):
-    """Unmasked SDPA with the queries cut into budget-sized chunks.
-    q [B, H, Lq, D], k/v [B, H, Lk, D]."""
-    b, h, lq, _ = q.shape
-    chunk = attention_chunk(h, k.shape[2], lq, q.dtype, b, budget_bytes)
-    if chunk >= lq:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    outs = []
-    for s in range(0, lq, chunk):
-        out = mx.fast.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, scale=scale)
-        _eval_eager(out)
-        outs.append(out)
-    return mx.concatenate(outs, axis=2)
 
 
 def branch_attention(q, k, v, mask_type: str = "A", n: int | None = None, scale: float | None = None,

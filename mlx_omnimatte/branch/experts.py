@@ -29,6 +29,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from ..errors import OmnimatteError
+from ..weights import load_weights
 from .attention import check_mask_type
 
 KINDS = ("effect", "quality")
@@ -114,6 +115,13 @@ class Expert:
                                  f"the transformer has {num_layers} blocks")
 
 
+def resolve_tau(tau, effect: Expert | None, quality: Expert | None) -> float:
+    """tau given, else the Effect expert's default, else the Quality's, else 0.5."""
+    if tau is None:
+        tau = next((e.tau_default for e in (effect, quality) if e is not None), DEFAULT_TAU)
+    return check_tau(tau)
+
+
 def select(timestep: float, tau: float, effect: Expert | None, quality: Expert | None) -> Expert:
     kind = route(timestep, tau)
     expert = effect if kind == "effect" else quality
@@ -132,8 +140,6 @@ def _manifest_int(config: dict, key: str, path) -> int:
 
 def load(path, config: dict) -> Expert:
     """Read a converted expert directory (called by `weights.load_model`)."""
-    from ..weights import load_weights
-
     path = Path(path)
     where = str(path)
     weights = load_weights(path)

@@ -13,22 +13,21 @@ The LoRA wrappers are built once per (expert, model) and cached on the
 expert; a forward only swaps them in and out (a few attribute sets), so
 switching experts between steps costs nothing measurable.
 
-`branch_velocity_fn` and `sample_branch` run the dual-expert loop with a
-sampler from `mlx_omnimatte.sampling`: both latents step together, and the
-expert (and with it LoRA and mask) switches at tau with no second pass.
+The dual-expert sampling loop (both latents stepped together, the expert --
+and with it LoRA and mask -- switched at tau) is the product's:
+`pipelines.omnimatte.denoise_layers`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import OmnimatteError
 from .attention import check_mask_type, make_attn_fn
-from .experts import DEFAULT_TAU, Expert, check_tau, select
+from .experts import Expert
 from .lora import ReplicaLoRALinear, merge_lora
 
 
@@ -139,56 +138,3 @@ def branch_forward(model, expert: Optional[Expert], x_bg, x_alpha, t, context=No
     y = model.head(x, temb)  # token-local: both halves at once
     v = model.unpatchify(mx.concatenate([y[:, :n], y[:, n:]], axis=0), grid)
     return v[:B], v[B:]
-
-
-# --------------------------------------------------------------------------- dual-expert sampling
-
-
-def resolve_tau(tau, effect: Optional[Expert], quality: Optional[Expert]) -> float:
-    """tau given, else the Effect expert's default, else the Quality's, else 0.5."""
-    if tau is None:
-        tau = next((e.tau_default for e in (effect, quality) if e is not None), DEFAULT_TAU)
-    return check_tau(tau)
-
-
-def branch_velocity_fn(model, cond, ctx, effect: Optional[Expert], quality: Optional[Expert], tau: float,
-                       budget_bytes: Optional[int] = None, on_expert: Optional[Callable] = None):
-    """``velocity_fn(x, t, i)`` for `sampling.sample`, with x = [z_bg, z_alpha]:
-    routes t / 1000 > tau to the Effect expert, else Quality, and returns
-    [v_bg, v_alpha] from one branch forward. ``on_expert(i, kind)`` is told
-    which expert ran (for logs)."""
-    tau = check_tau(tau)
-
-    def velocity(x, t, i):
-        expert = select(t, tau, effect, quality)
-        if on_expert is not None:
-            on_expert(i, expert.kind)
-        z_bg, z_alpha = x
-        v_bg, v_alpha = branch_forward(model, expert, z_bg, z_alpha, t, cond=cond, ctx=ctx,
-                                       budget_bytes=budget_bytes)
-        return [v_bg, v_alpha]
-
-    return velocity
-
-
-def sample_branch(model, z_bg, z_alpha, cond, context, clip_fea, sampler, effect: Optional[Expert] = None,
-                  quality: Optional[Expert] = None, tau: Optional[float] = None,
-                  callback: Optional[Callable] = None, budget_bytes: Optional[int] = None,
-                  on_expert: Optional[Callable] = None):
-    """Denoise (z_bg, z_alpha) [B, F, H, W, 16] jointly over the sampler's
-    schedule; ``cond`` [B, F, H, W, in_dim - 16] is the mask + condition latent
-    shared by both halves. Returns (z_bg, z_alpha) at sigma 0."""
-    from ..sampling import sample
-
-    tau = resolve_tau(tau, effect, quality)
-    if effect is None and quality is None:
-        raise OmnimatteError("omnimatte sampling needs an Effect or a Quality expert")
-    check_experts(model, effect, quality)
-    # fail before the first step when the schedule needs an expert that is missing
-    for t in sampler.timesteps:
-        select(float(t), tau, effect, quality)
-    ctx = model.embed_context(context, clip_fea)
-    mx.eval(ctx)
-    velocity = branch_velocity_fn(model, cond, ctx, effect, quality, tau, budget_bytes, on_expert)
-    z_bg, z_alpha = sample(velocity, [z_bg, z_alpha], sampler, callback)
-    return z_bg, z_alpha

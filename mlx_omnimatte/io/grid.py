@@ -118,13 +118,14 @@ def plan_grid(
     """Plan the model grid for a ``width x height`` clip of ``frames`` frames.
 
     ``size``: explicit model (W, H) or "WxH" (multiples of 16); otherwise
-    ``model_size(width, height, target_area)``.
+    ``model_size`` at ``target_area`` pixels, or at the source's own pixel
+    count when that is smaller (a small clip is never upscaled).
     """
     if isinstance(size, str):
         size = parse_size(size)
     elif size is not None:
         size = parse_size(f"{size[0]}x{size[1]}")
-    w, h = size if size is not None else model_size(width, height, target_area)
+    w, h = size if size is not None else model_size(width, height, min(target_area, width * height))
     t = padded_frame_count(frames, min_frames, even_latents)
     return GridPlan(width, height, frames, w, h, t)
 

@@ -13,15 +13,15 @@ The Generative Omnimatte example layout is one folder::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import OmnimatteError
-from .masks import load_mask
-from .video import VideoInfo, natural_key, read_video
+from .masks import check_mask_matches, load_mask
+from .video import VideoInfo, natural_key, probe_video, read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_STEM = "input_video"
@@ -97,43 +97,111 @@ def find_clip_files(folder: str | Path) -> tuple[Path, list[Path], Path | None]:
     return videos[0], masks, prompt if prompt.is_file() else None
 
 
-def load_clip(
-    video: str | Path,
-    masks: Sequence[str | Path],
-    caption: str | None = None,
-    names: Sequence[str] | None = None,
-    fps: float | None = None,
-) -> Clip:
-    """Build a Clip from explicit paths; every mask is validated against the video.
+@dataclass
+class ClipSpec:
+    """A clip resolved from the command line or the API without decoding it:
+    paths, names, caption, and the probed video (``info.frames`` already
+    limited by ``frames``). `read_clip` decodes it."""
 
-    ``fps`` is only used for frame folders (default 16); ``names`` default to
-    the mask file names (``mask_00.mp4`` -> ``00``).
-    """
-    if not masks:
-        raise OmnimatteError(f"{video}: no object masks given")
-    frames, info = read_video(video, fps=fps)
-    mask_paths = [Path(m) for m in masks]
-    names = list(names) if names is not None else [mask_name(p) for p in mask_paths]
-    if len(names) != len(mask_paths):
-        raise OmnimatteError(f"{video}: {len(names)} names for {len(mask_paths)} masks")
+    video: Path
+    masks: list[Path]
+    names: list[str]
+    caption: str | None
+    info: VideoInfo
+    fps: float | None = None  # the rate of frame folders
+    source: Path | None = None
+    caption_from: str = "given"  # "given", "prompt.json" or "none"
+
+    @property
+    def num_objects(self) -> int:
+        return len(self.masks)
+
+
+def parse_mask(arg) -> tuple[str | None, Path]:
+    """``--mask PATH`` or ``--mask NAME=PATH`` (so two ``mask.mp4`` from
+    different folders can be told apart)."""
+    text = str(arg)
+    name, sep, rest = text.partition("=")
+    if sep and name and "/" not in name and not Path(text).exists():
+        return name, Path(rest)
+    return None, Path(text)
+
+
+def _explicit(video: Path, masks, caption):
+    parsed = [parse_mask(m) for m in masks]
+    paths = [p for _, p in parsed]
+    names = [n if n is not None else mask_name(p) for n, p in parsed]
+    return video, paths, names, caption, "given" if caption is not None else "none"
+
+
+def _from_folder(folder: Path, caption):
+    video, paths, prompt = find_clip_files(folder)
+    how = "given"
+    if caption is None and prompt is not None:
+        caption, how = read_caption(prompt), "prompt.json"
+    elif caption is None:
+        how = "none"
+    return video, paths, [mask_name(p) for p in paths], caption, how
+
+
+def resolve_clip(input, masks: Sequence = (), caption: str | None = None, frames: int | None = None,
+                 fps: float | None = None, names: Sequence[str] | None = None) -> ClipSpec:
+    """The one place inputs are resolved (CLI and API alike): a clip folder
+    alone, or a video (file or frame folder) with its masks. Probes the video
+    and every mask (no decoding) and checks them against each other."""
+    input = Path(input)
+    if not input.exists():
+        raise OmnimatteError(f"{input}: no such file or directory")
+    if masks:
+        if input.is_dir() and any((input / f"{VIDEO_STEM}{s}").exists() for s in VIDEO_SUFFIXES):
+            raise OmnimatteError(f"{input}: a clip folder takes no --mask (its mask_XX files are used); "
+                                 f"to give masks, pass the video ({input / VIDEO_STEM}.mp4) instead")
+        video, paths, auto, caption, how = _explicit(input, masks, caption)
+    elif input.is_dir() and not (input / "00000.png").exists():
+        video, paths, auto, caption, how = _from_folder(input, caption)
+    else:
+        raise OmnimatteError(f"{input}: give at least one object mask (--mask)")
+    names = list(names) if names is not None else auto
+    if len(names) != len(paths):
+        raise OmnimatteError(f"{input}: {len(names)} names for {len(paths)} masks")
     if len(set(names)) != len(names):
-        raise OmnimatteError(f"{video}: object names are not unique ({', '.join(names)})")
+        raise OmnimatteError(f"{input}: object names are not unique ({', '.join(names)}); "
+                             "name them with --mask NAME=PATH")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise OmnimatteError(f"--frames {frames}: must be at least 1")
+    info = probe_video(video, fps)
+    for p in paths:
+        check_mask_matches(probe_video(p, fps if fps is not None else info.fps), info)
+    if frames is not None:
+        info = replace(info, frames=min(frames, info.frames))
+    return ClipSpec(video, paths, names, caption, info, fps, input, how)
+
+
+def read_clip(spec: ClipSpec) -> Clip:
+    """Decode a resolved clip (its first ``spec.info.frames`` frames); every
+    mask is validated against the decoded video."""
+    frames, info = read_video(spec.video, fps=spec.fps, max_frames=spec.info.frames)
     arrays, infos = [], []
-    for p in mask_paths:
-        m, mi = load_mask(p, info)
+    for p in spec.masks:
+        m, mi = load_mask(p, info, max_frames=info.frames)
         arrays.append(m)
         infos.append(mi)
-    return Clip(frames, info.fps, arrays, names, caption, info, infos, Path(video))
+    return Clip(frames, info.fps, arrays, list(spec.names), spec.caption, info, infos, spec.source)
 
 
-def load_clip_folder(folder: str | Path, fps: float | None = None, caption: str | None = None) -> Clip:
-    """Read a clip folder in the Generative Omnimatte layout.
+def load_clip(video, masks: Sequence, caption: str | None = None, names: Sequence[str] | None = None,
+              fps: float | None = None, frames: int | None = None) -> Clip:
+    """A Clip from a video and explicit mask paths (names default to the mask
+    file names: ``mask_00.mp4`` -> ``00``); ``fps`` is for frame folders."""
+    if not masks:
+        raise OmnimatteError(f"{video}: no object masks given")
+    return read_clip(resolve_clip(video, masks, caption, frames, fps, names))
 
-    ``caption`` overrides prompt.json; without either the caption is None.
-    """
-    video, masks, prompt = find_clip_files(folder)
-    if caption is None and prompt is not None:
-        caption = read_caption(prompt)
-    clip = load_clip(video, masks, caption=caption, fps=fps)
-    clip.source = Path(folder)
-    return clip
+
+def load_clip_folder(folder, fps: float | None = None, caption: str | None = None,
+                     frames: int | None = None) -> Clip:
+    """A clip folder in the Generative Omnimatte layout; ``caption`` overrides
+    prompt.json (without either the caption is None)."""
+    if not Path(folder).is_dir():
+        raise OmnimatteError(f"{folder}: not a clip folder")
+    return read_clip(resolve_clip(folder, (), caption, frames, fps))

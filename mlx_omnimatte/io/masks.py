@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import OmnimatteError
+from .grid import resize_masks
 from .video import VideoInfo, read_video
 
 THRESHOLD = 240  # white = value >= THRESHOLD (reference: torch.where(m < 240, 0, 255))
@@ -33,13 +34,14 @@ MAX_GRAY_FRACTION = 0.01  # more mid-gray pixels than this (whole video) -> not 
 FPS_TOLERANCE = 1e-3  # relative
 
 
-def read_mask(path: str | Path, fps: float | None = None) -> tuple[np.ndarray, VideoInfo]:
+def read_mask(path: str | Path, fps: float | None = None,
+              max_frames: int | None = None) -> tuple[np.ndarray, VideoInfo]:
     """Decode a mask video or frame folder as grayscale uint8 ``[T, H, W]``.
 
     Frame folders stored as 0/1 (some tools write PNGs that way) are scaled
     to 0/255; videos are not (a lossy black video may hold stray 1s).
     """
-    mask, info = read_video(path, fps=fps, gray=True)
+    mask, info = read_video(path, fps=fps, gray=True, max_frames=max_frames)
     if Path(path).is_dir() and mask.max() == 1:
         mask = mask * np.uint8(255)
     return mask, info
@@ -85,14 +87,14 @@ def check_mask_content(
 
 
 def load_mask(
-    path: str | Path, video_info: VideoInfo, fps: float | None = None
+    path: str | Path, video_info: VideoInfo, fps: float | None = None, max_frames: int | None = None
 ) -> tuple[np.ndarray, VideoInfo]:
     """Read a mask and validate it against the video it belongs to.
 
     Returns the raw grayscale mask (uint8 ``[T, H, W]``): binarization is done
     on the model grid, after resizing, as the reference does.
     """
-    mask, info = read_mask(path, fps=fps if fps is not None else video_info.fps)
+    mask, info = read_mask(path, fps=fps if fps is not None else video_info.fps, max_frames=max_frames)
     check_mask_matches(info, video_info)
     check_mask_content(mask, info.path)
     return mask, info
@@ -146,21 +148,8 @@ def prepare_mask(
     The reference order: area-resize the gray values to ``size`` (W, H),
     binarize at ``threshold``, then dilate by ``dilate`` pixels of that grid.
     """
-    from .grid import resize_masks
-
     gray = resize_masks(mask, size, mode="area") if size is not None else mask
     return dilate_mask(binarize_mask(gray, threshold), dilate)
-
-
-def prepare_masks(
-    masks: Sequence[np.ndarray], plan, threshold: float = THRESHOLD, dilate: int = DILATE
-) -> list[np.ndarray]:
-    """Raw clip masks -> bool masks on the model grid of ``plan`` (a
-    ``grid.GridPlan``): resized, binarized, dilated and mirror-padded to
-    ``plan.frames``; ready for ``build_trimask``."""
-    from .grid import pad_frames
-
-    return [pad_frames(prepare_mask(m, plan.size, threshold, dilate), plan.frames) for m in masks]
 
 
 def build_trimask(
@@ -189,11 +178,6 @@ def build_trimask(
     for i in sorted(remove_ids):
         tri[np.asarray(masks[i], dtype=bool)] = 1.0
     return tri
-
-
-def object_trimasks(masks: Sequence[np.ndarray], neutral: float = NEUTRAL) -> list[np.ndarray]:
-    """One trimask per object: that object removed, all others kept."""
-    return [build_trimask(masks, [i], neutral) for i in range(len(masks))]
 
 
 def solo_trimasks(masks: Sequence[np.ndarray], neutral: float = NEUTRAL) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ Wan2.1 models and of the example clips).
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -187,9 +188,10 @@ def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
 
 
 def read_video(
-    path: str | Path, fps: float | None = None, gray: bool = False
+    path: str | Path, fps: float | None = None, gray: bool = False, max_frames: int | None = None
 ) -> tuple[np.ndarray, VideoInfo]:
-    """Decode a whole video or frame folder.
+    """Decode a whole video or frame folder (its first ``max_frames`` frames
+    when given).
 
     Returns (frames, info): frames uint8 ``[T, H, W, 3]`` (``[T, H, W]`` if
     ``gray``); ``info.fps`` is the file's rate, or ``fps`` (default 16) for a
@@ -197,7 +199,7 @@ def read_video(
     """
     path = Path(path)
     info = probe_video(path, fps)
-    frames = list(iter_frames(path, gray=gray))
+    frames = list(itertools.islice(iter_frames(path, gray=gray), max_frames))
     if not frames:
         raise OmnimatteError(f"{path}: the video has no frames")
     if any(f.shape != frames[0].shape for f in frames):

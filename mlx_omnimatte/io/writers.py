@@ -69,10 +69,18 @@ def _exists(path: Path) -> bool:
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Fail early if ``path`` exists and ``overwrite`` is off."""
+    """Fail early, before any work: ``path`` exists and ``overwrite`` is off,
+    or it would lie under a file, or its nearest existing folder cannot be
+    written (missing folders are created when writing)."""
     path = Path(path)
     if _exists(path) and not overwrite:
         raise OmnimatteError(f"{path}: already exists (pass overwrite / --overwrite to replace it)")
+    parent = path.absolute().parent
+    above = next(p for p in (parent, *parent.parents) if p.exists())
+    if not above.is_dir():
+        raise OmnimatteError(f"{path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OmnimatteError(f"{path}: the folder {above} is not writable")
     return path
 
 

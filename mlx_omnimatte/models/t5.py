@@ -12,7 +12,6 @@ overflow float16, so float16 weights are computed in bfloat16.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -204,10 +203,3 @@ def _float32_scales(model: Model) -> None:
     float32 like the Metal kernels accumulate."""
     model.update(tree_map_with_path(
         lambda p, v: v.astype(mx.float32) if p.endswith((".scales", ".biases")) else v, model.parameters()))
-
-
-def read_config(path) -> dict:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        raise OmnimatteError(f"{path}: not a converted text encoder (no readable config.json)") from None

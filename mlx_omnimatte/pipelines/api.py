@@ -1,4 +1,5 @@
-"""The Python API, mirroring the command line; returns arrays.
+"""One request, one path: the command line and the Python API both resolve
+the inputs, check the settings and the bundle, plan, and run through here.
 
     import mlx_omnimatte as mo
     layers = mo.decompose("clips/boys-beach", bundle="models/omnimatte-1.3b")
@@ -9,54 +10,166 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..branch.experts import check_tau
-from ..bundle import COMPONENTS, open_bundle
+import numpy as np
+from PIL import Image
+
+from ..bundle import COMPONENTS, Bundle, open_bundle
 from ..errors import OmnimatteError
-from ..io.inputs import Clip, load_clip, load_clip_folder
-from ..progress import Progress
-from .omnimatte import Layers, experts_needed, run_decompose
-from .removal import run_removal
-from .stages import Settings
+from ..io.grid import plan_grid
+from ..io.inputs import ClipSpec, read_clip, resolve_clip
+from ..io.video import IMAGE_EXTENSIONS, probe_video, read_video
+from ..memory import machine_memory
+from ..progress import Progress, Report
+from .omnimatte import Layers, run_decompose
+from .optimize import FIT_MODES, OptimizeSettings, fit_plate
+from .plan import RunPlan, check_fits, plan_run
+from .removal import removal_targets, run_removal
+from .settings import Mode, Settings, experts_needed, settings_from
+from .two_stage import run_optimize, run_with_plate
+
+REMOVE_TARGETS = ("all", "each", "both")
+METHODS = ("experts", "optimize")
 
 
-def read_clip(video, masks=None, caption: str | None = None, fps: float | None = None) -> Clip:
-    """A clip folder in the Generative Omnimatte layout, or a video (file or
-    frame folder) with explicit mask paths."""
-    if isinstance(video, Clip):
-        return video
-    video = Path(video)
-    if not video.exists():
-        raise OmnimatteError(f"{video}: no such file or directory")
-    if not masks:
-        if video.is_dir() and not (video / "00000.png").exists():
-            return load_clip_folder(video, fps=fps, caption=caption)
-        raise OmnimatteError(f"{video}: give at least one object mask (--mask)")
-    return load_clip(video, masks, caption=caption, fps=fps)
+@dataclass
+class Request:
+    """What to run on which clip with which bundle."""
+
+    mode: Mode
+    clip: ClipSpec
+    bundle: Path | None
+    settings: Settings
+    targets: str = "both"  # removal: all objects at once, each alone, or both
+    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
+    plate: Path | None = None  # clean-plate mode: the background, given
+    fit: str | None = None  # how a plate of another size or length is fitted
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return experts_needed(self.mode, self.settings.tau)
 
 
-def settings_from(**kwargs) -> Settings:
-    known = {f.name for f in fields(Settings)}
-    unknown = set(kwargs) - known
-    if unknown:
-        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    settings = Settings(**{k: v for k, v in kwargs.items() if v is not None})
-    if settings.tau is not None:
-        check_tau(settings.tau)
-    return settings
+@dataclass
+class PlatePlan:
+    """What a clean-plate run will do (no model, so no memory stages)."""
+
+    spec: ClipSpec
+    size: tuple[int, int]
+    settings: OptimizeSettings
+
+    def render(self, machine: int) -> str:
+        i = self.spec.info
+        return "\n".join([
+            f"mode: clean-plate, {self.spec.num_objects} object(s), no model weights",
+            f"source: {i.width}x{i.height}, {i.frames} frames -> working grid {self.size[0]}x{self.size[1]}",
+            f"optimization: {self.settings.iterations} iterations of {self.settings.batch_frames}-frame windows",
+        ])
 
 
-def remove(video, masks=None, *, bundle, caption=None, progress: bool = False, **settings) -> dict:
+@dataclass
+class Prepared:
+    request: Request
+    bundle: Bundle | None
+    plan: RunPlan | PlatePlan
+    machine: int
+
+
+def choose_mode(request: Request, method: str | None) -> Mode:
+    """`decompose`'s method: the experts when the bundle has them, else the
+    optimization; a clean plate needs no method. From the manifest alone."""
+    if request.plate is not None:
+        return Mode.PLATE
+    if request.bundle is None:
+        raise OmnimatteError("decompose: give --bundle (a converted model bundle) or --clean-plate PLATE")
+    if method not in (None, *METHODS):
+        raise OmnimatteError(f"--method {method}: unknown (one of {', '.join(METHODS)})")
+    have = open_bundle(request.bundle, ("transformer",)).experts
+    need = experts_needed(Mode.DECOMPOSE, request.settings.tau)
+    if method == "experts" and not all(k in have for k in need):
+        missing = ", ".join(k for k in need if k not in have)
+        raise OmnimatteError(f"--method experts: the bundle {request.bundle} has no {missing} expert "
+                             "(use --method optimize, or add experts with `mlx-omnimatte convert`)")
+    if method is None:
+        method = "experts" if all(k in have for k in need) else "optimize"
+    return Mode.DECOMPOSE if method == "experts" else Mode.OPTIMIZE
+
+
+def check_plate(path: Path, spec: ClipSpec, fit: str | None) -> None:
+    """A plate of another size, or a video with fewer frames, is refused from
+    its header alone unless `fit` says how to adapt it."""
+    if not path.exists():
+        raise OmnimatteError(f"{path}: no such clean plate")
+    if fit is not None and fit not in FIT_MODES:
+        raise OmnimatteError(f"--fit {fit}: unknown (one of {', '.join(FIT_MODES)})")
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        with Image.open(path) as im:
+            w, h, t = im.size[0], im.size[1], 1
+    else:
+        info = probe_video(path, spec.info.fps)
+        w, h, t = info.width, info.height, info.frames
+    # the fitting rules on a shape-only stand-in (a broadcast view: no memory)
+    if fit is None:
+        fit_plate(np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (t, h, w, 3)), spec.info.frames,
+                  spec.info.size, None)
+
+
+def read_plate(path: Path, spec: ClipSpec) -> np.ndarray:
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    return read_video(path, fps=spec.info.fps, max_frames=spec.info.frames)[0]
+
+
+def prepare(request: Request) -> Prepared:
+    """Every check that needs no weights (bundle, experts' fit, plate), and the plan."""
+    s, info = request.settings, request.clip.info
+    if request.mode is Mode.PLATE:
+        check_plate(request.plate, request.clip, request.fit)
+        grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=1)
+        return Prepared(request, None, PlatePlan(request.clip, grid.size, request.optimize), machine_memory())
+    b = open_bundle(request.bundle, COMPONENTS, request.experts)
+    grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
+    return Prepared(request, b, plan_run(request.mode, grid, request.clip.num_objects, b, s), machine_memory())
+
+
+def execute(prepared: Prepared, report: Report = None) -> dict:
+    """Check the plan fits, read the clip, run: removal -> {label: background},
+    the decompositions -> {name: Layers}."""
+    r = prepared.request
+    if r.mode is Mode.PLATE:
+        clip = read_clip(r.clip)
+        return run_with_plate(clip, read_plate(r.plate, r.clip), r.settings, r.optimize, r.fit, report)
+    check_fits(prepared.plan, prepared.machine, r.settings)
+    clip = read_clip(r.clip)
+    if r.mode is Mode.DECOMPOSE:
+        return run_decompose(clip, prepared.bundle, r.settings, report, kinds=r.experts)
+    if r.mode is Mode.OPTIMIZE:
+        return run_optimize(clip, prepared.bundle, r.settings, r.optimize, report)
+    targets = removal_targets(clip.names, per_object=r.targets != "all", all_objects=r.targets != "each")
+    return run_removal(clip, prepared.bundle, r.settings, report, targets)
+
+
+def remove(video, masks=None, *, bundle, caption=None, frames=None, objects: str = "both",
+           progress: bool = False, **settings) -> dict:
     """label ("all", "without_<name>") -> background float32 [T, H, W, 3] in [0, 1]."""
-    s = settings_from(**settings)
-    b = open_bundle(bundle, COMPONENTS)
-    return run_removal(read_clip(video, masks, caption), b, s, Progress(enabled=progress))
+    request = Request(Mode.REMOVE, resolve_clip(video, masks or (), caption, frames), Path(bundle),
+                      settings_from(**settings), objects)
+    return execute(prepare(request), Progress(enabled=progress))
 
 
-def decompose(video, masks=None, *, bundle, caption=None, progress: bool = False, **settings) -> dict[str, Layers]:
-    """object name -> Layers(alpha, foreground, background), on the source grid."""
-    s = settings_from(**settings)
-    b = open_bundle(bundle, COMPONENTS, experts_needed(s.tau))
-    return run_decompose(read_clip(video, masks, caption), b, s, Progress(enabled=progress))
+def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, method: str | None = None,
+              clean_plate=None, fit: str | None = None, iterations: int | None = None,
+              batch_frames: int | None = None, progress: bool = False, **settings) -> dict[str, Layers]:
+    """object name -> Layers(alpha, foreground, background), on the source grid.
+    `method`: "experts" or "optimize" (default: experts when the bundle has
+    them); `clean_plate`: a background video or image, then no bundle is needed."""
+    opt = OptimizeSettings(**{k: v for k, v in (("iterations", iterations), ("batch_frames", batch_frames))
+                              if v is not None})
+    request = Request(Mode.DECOMPOSE, resolve_clip(video, masks or (), caption, frames),
+                      Path(bundle) if bundle is not None else None, settings_from(**settings), optimize=opt,
+                      plate=Path(clean_plate) if clean_plate is not None else None, fit=fit)
+    request.mode = choose_mode(request, method)
+    return execute(prepare(request), Progress(enabled=progress))

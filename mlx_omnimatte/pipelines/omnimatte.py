@@ -12,21 +12,22 @@ in closed form on the source grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-import mlx.core as mx
 import numpy as np
 
-from ..branch.experts import route, select
-from ..branch.forward import branch_forward, check_experts, resolve_tau
+from ..branch.experts import Expert, resolve_tau, route, select
+from ..branch.forward import branch_forward, check_experts
 from ..bundle import Bundle
 from ..compositing import solve_foreground
+from ..errors import OmnimatteError
 from ..io.grid import from_model_grid
 from ..io.inputs import Clip
-from ..io.masks import build_trimask
-from ..progress import Progress
+from ..progress import Report, stage
+from ..sampling import make_sampler
 from ..weights import load_model
-from .conditioning import condition_channels
-from .stages import Settings, decode, denoise, encode_conditioning, free, load_stage, load_vae, noise
+from .settings import Settings
+from .stages import ModeSpec, Trajectory, denoise, run_stages
 
 
 @dataclass
@@ -36,59 +37,82 @@ class Layers:
     background: np.ndarray  # float32 [T, H, W, 3]
 
 
-def experts_needed(tau: float | None) -> tuple[str, ...]:
-    """tau = 0 runs the Effect expert only, tau = 1 the Quality expert only."""
-    if tau is None:
-        return ("effect", "quality")
-    return ("effect",) if tau <= 0 else ("quality",) if tau >= 1 else ("effect", "quality")
+@dataclass
+class DualExpert:
+    """The Effect/Quality pair and its switch: what the decomposition mode adds
+    to the shared stages."""
+
+    effect: Optional[Expert]
+    quality: Optional[Expert]
+    tau: float
+
+    @classmethod
+    def of(cls, experts: dict, tau: float | None) -> "DualExpert":
+        effect, quality = experts.get("effect"), experts.get("quality")
+        if effect is None and quality is None:
+            raise OmnimatteError("omnimatte sampling needs an Effect or a Quality expert")
+        return cls(effect, quality, resolve_tau(tau, effect, quality))
+
+    def check_schedule(self, settings: Settings) -> None:
+        """Fail before the first step when a step needs a missing expert."""
+        for t in make_sampler(settings.sampler, settings.steps, settings.shift).timesteps:
+            select(float(t), self.tau, self.effect, self.quality)
+
+    def check(self, dit) -> None:
+        check_experts(dit, self.effect, self.quality)
+
+    def describe(self, t) -> str:
+        return f"{route(t, self.tau)} expert"
+
+    def velocity(self, dit, y, ctx):
+        def window_velocity(x, t, span):
+            s, e = span
+            expert = select(t, self.tau, self.effect, self.quality)
+            v_bg, v_alpha = branch_forward(dit, expert, x[0], x[1], t, cond=y[:, s:e], ctx=ctx)
+            return [v_bg, v_alpha]
+
+        return window_velocity
+
+    def spec(self, trajectories: list[Trajectory]) -> ModeSpec:
+        return ModeSpec(trajectories, self.velocity, self.check, self.describe)
 
 
-def load_experts(bundle: Bundle, kinds, progress: Progress) -> dict:
-    with progress.stage("load experts", total=len(kinds), unit="expert") as bar:
+def denoise_layers(dit, dual: DualExpert, z_bg, z_alpha, y, ctx, settings: Settings, report: Report = None,
+                   label: str = ""):
+    """The dual-expert loop on one trajectory: (z_bg, z_alpha) [B, F, H, W, 16]
+    stepped together from noise to sigma 0, conditioned on `y` (mask channels
+    + condition latent) and the embedded context `ctx`, in temporal windows."""
+    dual.check(dit)
+    dual.check_schedule(settings)
+    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
+    z = denoise(dual.velocity(dit, y, ctx), [z_bg, z_alpha], sampler=sampler, window=settings.window,
+                overlap=settings.overlap, report=report, label=label, describe=dual.describe,
+                dtype=settings.dtype)
+    return z[0], z[1]
+
+
+def load_experts(bundle: Bundle, kinds, report: Report = None) -> dict:
+    with stage(report, "load experts", len(kinds)) as tick:
         experts = {}
         for kind in kinds:
             experts[kind] = load_model(bundle.expert(kind), "expert")
-            bar.update()
+            tick()
     return experts
 
 
-def branch_window_velocity(dit, y, ctx, effect, quality, tau: float):
-    def velocity(x, t, span):
-        s, e = span
-        expert = select(t, tau, effect, quality)
-        v_bg, v_alpha = branch_forward(dit, expert, x[0], x[1], t, cond=y[:, s:e], ctx=ctx)
-        return [v_bg, v_alpha]
-
-    return velocity
-
-
-def run_decompose(clip: Clip, bundle: Bundle, settings: Settings, progress: Progress,
-                  objects: list[int] | None = None) -> dict[str, Layers]:
-    """object name -> Layers on the source grid."""
+def run_decompose(clip: Clip, bundle: Bundle, settings: Settings, report: Report = None,
+                  objects: list[int] | None = None, kinds=("effect", "quality")) -> dict[str, Layers]:
+    """object name -> Layers on the source grid; `kinds`: the experts to load."""
     objects = list(range(len(clip.names))) if objects is None else objects
-    experts = load_experts(bundle, experts_needed(settings.tau), progress)
-    effect, quality = experts.get("effect"), experts.get("quality")
-    tau = resolve_tau(settings.tau, effect, quality)
-    vae = load_vae(bundle, progress)
-    cond = encode_conditioning(clip, bundle, settings, progress, vae)
-    dit = load_stage(bundle, "transformer", progress, settings.dtype)
-    check_experts(dit, effect, quality)
-    ctx = dit.embed_context(cond.context, cond.clip_fea)
-    mx.eval(ctx)
-    latents = {}
-    starts = noise(mx.random.key(settings.seed), cond.cond_latent, 2 * len(objects))
-    for n, i in enumerate(objects):
-        y = condition_channels(build_trimask(cond.masks, [i]), cond.cond_latent)
-        velocity = branch_window_velocity(dit, y, ctx, effect, quality, tau)
-        latents[clip.names[i]] = denoise(velocity, starts[2 * n : 2 * n + 2], settings, progress, clip.names[i],
-                                         describe_step=lambda t: f"{route(t, tau)} expert")
-    del dit, ctx
-    free()
-    layers = {}
+    dual = DualExpert.of(load_experts(bundle, kinds, report), settings.tau)
+    dual.check_schedule(settings)
+    trajectories = [Trajectory(clip.names[i], [i], latents=2) for i in objects]
+    plan, decoded = run_stages(clip, bundle, dual.spec(trajectories), settings, report,
+                               decode_as=("background", "alpha"))
     src = clip.frames.astype(np.float32) / 255.0
-    for name, (z_bg, z_alpha) in latents.items():
-        bg = from_model_grid(decode(vae, z_bg, settings, progress, f"{name} background"), cond.plan)
-        alpha = from_model_grid(decode(vae, z_alpha, settings, progress, f"{name} alpha").mean(-1), cond.plan)
-        alpha = np.clip(alpha, 0.0, 1.0)
+    layers = {}
+    for name, videos in decoded.items():
+        bg = from_model_grid(videos["background"], plan)
+        alpha = np.clip(from_model_grid(videos["alpha"].mean(-1), plan), 0.0, 1.0)
         layers[name] = Layers(alpha, solve_foreground(src, alpha, bg), bg)
     return layers

@@ -3,7 +3,7 @@ from sizes alone (no weights loaded): `--dry-run` prints it, and a run
 predicted not to fit stops before loading anything.
 
 The activation models are simple and conservative (float32 where the code
-computes in float32); the VAE's comes from `models.wan.vae.estimate_peak_bytes`
+computes in float32); the VAE's comes from `models.wan.vae_tiling.estimate_peak_bytes`
 (fitted by `parity/bench_vae.py`), with the tiles the run would choose.
 """
 
@@ -16,12 +16,10 @@ import mlx.core as mx
 from ..bundle import Bundle
 from ..errors import OmnimatteError
 from ..io.grid import GridPlan
-from ..memory import DEFAULT_ATTENTION_BUDGET, fused_attention
+from ..memory import DEFAULT_ATTENTION_BUDGET, GB, fused_attention
+from ..models.wan import vae_tiling
 from ..weights import read_config
-from ..models.wan import vae as wan_vae
-from .stages import Settings, num_windows, vae_budget
-
-GB = 1 << 30
+from .settings import Mode, Settings, num_windows, vae_budget
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
 
 
@@ -38,7 +36,7 @@ class StagePlan:
 
 @dataclass
 class RunPlan:
-    mode: str
+    mode: Mode
     grid: GridPlan
     objects: int
     windows: int
@@ -53,7 +51,7 @@ class RunPlan:
     def render(self, machine: int) -> str:
         g = self.grid
         lines = [
-            f"mode: {self.mode}, {self.objects} object(s)",
+            f"mode: {self.mode.value}, {self.objects} object(s)",
             f"source: {g.src_width}x{g.src_height}, {g.src_frames} frames -> model grid {g.width}x{g.height}, "
             f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
             f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
@@ -81,12 +79,12 @@ def _dit_activations(cfg: dict, tokens: int, dtype_bytes: int) -> int:
     return stream + ffn_hidden + scores
 
 
-def plan_run(mode: str, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
+def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
              prompt_cached: bool = False) -> RunPlan:
     cfg = read_config(bundle.path("transformer"))
     lat_w, lat_h = grid.latent_size
     window_frames = min(grid.latent_frames, settings.window)
-    halves = 2 if mode == "decompose" else 1
+    halves = mode.halves
     tokens = halves * window_frames * (lat_h // 2) * (lat_w // 2)
     dtype_bytes = 4 if settings.dtype == "float32" else 2
     dit_weights = bundle.weight_bytes("transformer")
@@ -114,20 +112,23 @@ def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Se
     base = cfg.get("base_dim", 96)
 
     def estimate(h, w):
-        return wan_vae.estimate_peak_bytes(stage, h, w, dtype, base, weights)
+        return vae_tiling.estimate_peak_bytes(stage, h, w, dtype, base, weights)
 
     h, w = grid.height, grid.width
     name = f"vae {stage}"
     if settings.vae_tiling or (settings.vae_tiling is None and estimate(h, w) > vae_budget(settings)):
-        tiles = wan_vae.choose_tiling(h, w, vae_budget(settings), estimate)
+        tiles = vae_tiling.choose_tiling(h, w, vae_budget(settings), estimate)
         h, w = min(h, tiles.height), min(w, tiles.width)
         name += f" ({w}x{h} tiles)"
     return StagePlan(name, weights, estimate(h, w) - weights + buffers)
 
 
-def check_fits(run: RunPlan, machine: int) -> None:
+def check_fits(run: RunPlan, machine: int, settings: Settings) -> None:
     if not run.fits(machine):
         worst = max(run.stages, key=lambda s: s.peak)
+        advice = ["lower --size", "shorten the clip (--frames)"]
+        if settings.dtype == "float32":
+            advice.insert(1, "use --dtype bfloat16")
         raise OmnimatteError(
             f"predicted peak {run.peak / GB:.1f} GB ({worst.name}) exceeds {FIT_FRACTION:.0%} of this "
-            f"machine's {machine / GB:.1f} GB: lower --size, use --dtype bfloat16, or shorten the clip")
+            f"machine's {machine / GB:.1f} GB: {', '.join(advice[:-1])} or {advice[-1]}")

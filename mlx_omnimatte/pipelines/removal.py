@@ -14,19 +14,20 @@ from ..branch.attention import make_attn_fn
 from ..bundle import Bundle
 from ..io.grid import from_model_grid
 from ..io.inputs import Clip
-from ..io.masks import build_trimask
-from ..progress import Progress
-from .conditioning import condition_channels, model_input
-from .stages import Settings, decode, denoise, encode_conditioning, free, load_stage, load_vae, noise
+from ..progress import Report
+from .conditioning import model_input
+from .settings import Settings
+from .stages import ModeSpec, Trajectory, run_stages
 
 ALL = "all"
 
 
-def removal_targets(names: list[str], per_object: bool = True, all_objects: bool = True):
-    """[(label, indices of the objects to remove or None for all)]."""
-    targets = [(ALL, None)] if all_objects or len(names) == 1 else []
+def removal_targets(names: list[str], per_object: bool = True, all_objects: bool = True) -> list[Trajectory]:
+    """One trajectory per background: "all" removes every object,
+    "without_<name>" removes that object and keeps the others."""
+    targets = [Trajectory(ALL, None)] if all_objects or len(names) == 1 else []
     if per_object and len(names) > 1:
-        targets += [(f"without_{name}", [i]) for i, name in enumerate(names)]
+        targets += [Trajectory(f"without_{name}", [i]) for i, name in enumerate(names)]
     return targets
 
 
@@ -43,21 +44,9 @@ def dit_velocity(dit, y: mx.array, ctx: mx.array):
     return velocity
 
 
-def run_removal(clip: Clip, bundle: Bundle, settings: Settings, progress: Progress,
-                targets=None) -> dict[str, np.ndarray]:
+def run_removal(clip: Clip, bundle: Bundle, settings: Settings, report: Report = None,
+                targets: list[Trajectory] | None = None) -> dict[str, np.ndarray]:
     """label -> background float32 [T, H, W, 3] in [0, 1] on the source grid."""
-    targets = targets or removal_targets(clip.names)
-    vae = load_vae(bundle, progress)
-    cond = encode_conditioning(clip, bundle, settings, progress, vae)
-    dit = load_stage(bundle, "transformer", progress, settings.dtype)
-    ctx = dit.embed_context(cond.context, cond.clip_fea)
-    mx.eval(ctx)
-    latents = {}
-    starts = noise(mx.random.key(settings.seed), cond.cond_latent, len(targets))
-    for (label, remove), z in zip(targets, starts):
-        y = condition_channels(build_trimask(cond.masks, remove), cond.cond_latent)
-        latents[label] = denoise(dit_velocity(dit, y, ctx), z, settings, progress, label)
-    del dit, ctx
-    free()
-    return {label: from_model_grid(decode(vae, z, settings, progress, label), cond.plan)
-            for label, z in latents.items()}
+    spec = ModeSpec(targets or removal_targets(clip.names), dit_velocity)
+    plan, decoded = run_stages(clip, bundle, spec, settings, report, decode_as=("",))
+    return {label: from_model_grid(videos[""], plan) for label, videos in decoded.items()}

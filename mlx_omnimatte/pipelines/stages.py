@@ -1,48 +1,57 @@
-"""Stages shared by the removal and omnimatte pipelines: encode the
-conditioning, denoise with temporal windows, decode. Each loads what it
-needs, runs, and frees it, so peak memory is one stage's, not the sum."""
+"""The stage runner every diffusion mode shares: load the VAE, encode the
+conditioning, load the DiT, denoise each trajectory with temporal windows,
+free the DiT, decode. Each stage loads what it needs, runs and frees it, so
+peak memory is one stage's, not the sum.
+
+A mode supplies only what differs (`ModeSpec`): its trajectories (which
+objects each removes, how many latents it steps together), the velocity of
+one window, and a check of the loaded DiT. Stages report through the
+caller's `report` callback (`progress.py`).
+"""
 
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from .. import text
 from ..bundle import Bundle
 from ..errors import OmnimatteError
+from ..image_encoder import clip_features
 from ..io.inputs import Clip
-from ..memory import machine_memory
-from ..progress import Progress
+from ..io.masks import build_trimask
+from ..progress import Report, stage
+from ..prompts import encode_prompts
 from ..sampling import make_sampler, sample
 from ..weights import load_model
-from .conditioning import Conditioning, model_masks, model_video, plan_for
-from .windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, blend_velocity, make_windows
+from .conditioning import Conditioning, condition_channels, model_masks, model_video, plan_for
+from .settings import Settings, vae_budget
+from .windows import blend_velocity, make_windows
 
 
 @dataclass
-class Settings:
-    """Every knob of a run; the defaults are the reference's."""
-
-    steps: int = 50
-    seed: int = 43
-    shift: float = 5.0
-    sampler: str = "euler"
-    size: str | None = None  # "WxH" on the model grid; default: ~480x832 area, source aspect
-    min_frames: int = 81  # short clips are padded to one full window
-    dtype: str = "bfloat16"  # DiT weights and matmuls
-    tau: float | None = None  # expert switch (omnimatte); None: the experts' default
-    window: int = DEFAULT_WINDOW
-    overlap: int = DEFAULT_OVERLAP
-    cache_dir: str | None = None  # prompt-embedding cache
-    vae_tiling: bool | None = None  # None: tiles only when a frame does not fit vae_budget
-    vae_budget: int | None = None  # bytes for the VAE; None: half of this machine's memory
+class Trajectory:
+    label: str
+    remove: Optional[list[int]]  # objects the trimask removes (None: all)
+    latents: int = 1  # latents stepped together (2: background and alpha)
 
 
-def vae_budget(settings: Settings) -> int:
-    return settings.vae_budget or machine_memory() // 2
+@dataclass
+class ModeSpec:
+    """What a mode adds to the shared stages.
+
+    `velocity(dit, y, ctx)` returns ``window_velocity(x, t, (start, end))``
+    for one trajectory's conditioning `y`; `check(dit)` runs once the DiT is
+    loaded; `describe(t)` names what runs at a step (for the progress bar).
+    """
+
+    trajectories: list[Trajectory]
+    velocity: Callable
+    check: Callable = lambda dit: None
+    describe: Optional[Callable] = None
 
 
 def free() -> None:
@@ -50,65 +59,78 @@ def free() -> None:
     mx.clear_cache()
 
 
-def encode_conditioning(clip: Clip, bundle: Bundle, settings: Settings, progress: Progress, vae) -> Conditioning:
+def load_stage(bundle: Bundle, component: str, report: Report, dtype: str | None = None):
+    with stage(report, f"load {component}", 1) as tick:
+        model = load_model(bundle.path(component), component, dtype=dtype)
+        tick()
+    return model
+
+
+def encode_conditioning(clip: Clip, bundle: Bundle, vae, settings: Settings, report: Report) -> Conditioning:
     plan = plan_for(clip, settings.size, settings.min_frames)
     video = model_video(clip, plan)
     masks = model_masks(clip, plan)
-    caption = clip.caption or ""
-    # each encoder loads, runs and frees inside its own stage of `progress`;
-    # a cached prompt loads nothing
-    context = text.encode_prompts(bundle.path("t5"), [caption], settings.cache_dir, report=progress)[0]
+    # each encoder loads, runs and frees in its own stage; a cached prompt loads nothing
+    context = encode_prompts(bundle.path("t5"), [clip.caption or ""], settings.cache_dir, report=report)[0]
     context = mx.array(context)[None]
     free()
-    clip_fea = text.clip_features(bundle.path("clip"), clip.frames[0], report=progress)
+    clip_fea = clip_features(bundle.path("clip"), clip.frames[0], report=report)
     mx.eval(clip_fea)
     free()
-    with progress.stage("vae encode", total=1, unit="video") as bar:
-        cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings))
-        mx.eval(cond)
-        bar.update()
+    cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings),
+                      on_chunk=_chunks(report, "vae encode"))
+    mx.eval(cond)
     return Conditioning(plan, video, masks, context, clip_fea, cond)
 
 
 def check_finite(v, step: int, steps: int, dtype: str) -> None:
     leaves = v if isinstance(v, (list, tuple)) else [v]
     if not all(bool(mx.all(mx.isfinite(a)).item()) for a in leaves):
-        raise OmnimatteError(
-            f"denoising step {step + 1}/{steps}: NaN or Inf in the latents with {dtype} weights; "
-            "nothing was written (try --dtype float32)")
+        hint = " (try --dtype float32)" if dtype != "float32" else ""
+        raise OmnimatteError(f"denoising step {step + 1}/{steps}: NaN or Inf in the latents with {dtype} "
+                             f"weights; nothing was written{hint}")
 
 
-def denoise(window_velocity, latents, settings: Settings, progress: Progress, label: str,
-            describe_step=None):
-    """Sample `latents` (an array or a list stepped together).
+def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, report: Report = None,
+            label: str = "", describe=None, dtype: str = "float32"):
+    """Sample `latents` (an array or a list stepped together) along `sampler`.
 
     `window_velocity(x, t, (start, end))` returns the velocity of one temporal
-    window; windows are blended at every step. `describe_step(t)` names what
-    runs at a step (the expert) for the progress bar.
+    window; windows are blended at every step. `describe(t)` names what runs
+    at a step (the expert) for the progress bar; `dtype` (of the weights)
+    goes into the message when the latents stop being finite.
     """
-    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
     first = latents[0] if isinstance(latents, (list, tuple)) else latents
-    windows = make_windows(first.shape[1], settings.window, settings.overlap)
-    with progress.stage(f"denoise {label}", total=settings.steps, unit="step") as bar:
+    windows = make_windows(first.shape[1], window, overlap)
+    steps = len(sampler.timesteps)
+    with stage(report, f"denoise {label}".strip(), steps) as tick:
+        detail = {}
+
         def velocity(x, t, i):
-            if describe_step is not None:
-                bar.set_postfix_str(describe_step(t))
+            detail["d"] = describe(t) if describe is not None else ""
             v = blend_velocity(window_velocity, x, t, windows)
             mx.eval(v)
-            check_finite(v, i, settings.steps, settings.dtype)
+            check_finite(v, i, steps, dtype)
             return v
 
-        return sample(velocity, latents, sampler, callback=lambda i, t: bar.update())
+        return sample(velocity, latents, sampler, callback=lambda i, t: tick(detail["d"]))
 
 
-def decode(vae, latent: mx.array, settings: Settings, progress: Progress, label: str) -> np.ndarray:
+def decode(vae, latent: mx.array, settings: Settings, report: Report, label: str) -> np.ndarray:
     """Latent -> float32 video [T, H, W, 3] in [0, 1], decoded frame by frame
     into a preallocated buffer."""
-    with progress.stage(f"vae decode {label}", total=1, unit="video") as bar:
-        out = np.empty(vae.video_shape(latent.shape), np.float32)
-        vae.decode(latent, tiling=settings.vae_tiling, memory_budget=vae_budget(settings), out=out)
-        bar.update()
+    out = np.empty(vae.video_shape(latent.shape), np.float32)
+    vae.decode(latent, tiling=settings.vae_tiling, memory_budget=vae_budget(settings), out=out,
+               on_chunk=_chunks(report, f"vae decode {label}"))
     return (out[0] + 1.0) * 0.5
+
+
+def _chunks(report: Report, name: str):
+    """The VAE's per-chunk callback as stage reports (a bar with an ETA)."""
+    if report is None:
+        return None
+    report(name, 0, None, "")
+    return lambda done, total: report(name, done, total, "")
 
 
 def noise(key, cond_latent: mx.array, count: int) -> list[mx.array]:
@@ -117,16 +139,37 @@ def noise(key, cond_latent: mx.array, count: int) -> list[mx.array]:
     return [mx.random.normal(cond_latent.shape, key=k) for k in keys]
 
 
-def load_stage(bundle: Bundle, component: str, progress: Progress, dtype: str | None = None):
-    with progress.stage(f"load {component}", total=1, unit="model") as bar:
-        model = load_model(bundle.path(component), component, dtype=dtype)
-        bar.update()
-    return model
+def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, report: Report) -> dict:
+    """label -> list of latents at sigma 0, one trajectory after another."""
+    ctx = dit.embed_context(cond.context, cond.clip_fea)
+    mx.eval(ctx)
+    total = sum(t.latents for t in spec.trajectories)
+    starts = noise(mx.random.key(settings.seed), cond.cond_latent, total)
+    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
+    out, n = {}, 0
+    for traj in spec.trajectories:
+        y = condition_channels(build_trimask(cond.masks, traj.remove), cond.cond_latent)
+        z = starts[n : n + traj.latents]
+        n += traj.latents
+        z = denoise(spec.velocity(dit, y, ctx), z if traj.latents > 1 else z[0], sampler=sampler,
+                    window=settings.window, overlap=settings.overlap, report=report, label=traj.label,
+                    describe=spec.describe, dtype=settings.dtype)
+        out[traj.label] = list(z) if traj.latents > 1 else [z]
+    return out
 
 
-def load_vae(bundle: Bundle, progress: Progress):
-    return load_stage(bundle, "vae", progress)
-
-
-def num_windows(latent_frames: int, settings: Settings) -> int:
-    return len(make_windows(latent_frames, settings.window, settings.overlap))
+def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, report: Report = None,
+               decode_as: Sequence[str] = ("background",)):
+    """Run a mode's trajectories; returns (grid plan, {label: {name: decoded
+    video [T, H, W, 3] in [0, 1] on the model grid}}), the latents of each
+    trajectory decoded under the names of `decode_as`."""
+    vae = load_stage(bundle, "vae", report)
+    cond = encode_conditioning(clip, bundle, vae, settings, report)
+    dit = load_stage(bundle, "transformer", report, settings.dtype)
+    spec.check(dit)
+    latents = _sample_all(dit, cond, spec, settings, report)
+    del dit
+    free()
+    decoded = {label: {name: decode(vae, z, settings, report, f"{label} {name}".strip()) for name, z in zip(decode_as, zs)}
+               for label, zs in latents.items()}
+    return cond.plan, decoded

@@ -58,7 +58,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from ..base import BaseConfig
+from ..base import BaseConfig, sdpa
 
 
 @dataclass
@@ -140,10 +140,6 @@ def gelu_tanh(x):
 class GELUTanh(nn.Module):
     def __call__(self, x):
         return gelu_tanh(x)
-
-
-def sdpa(q, k, v):
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
 def timestep_embedding(t: mx.array, dim: int) -> mx.array:

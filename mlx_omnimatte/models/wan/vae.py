@@ -12,7 +12,8 @@ follows the chunk, not the video length.
 
 Optional spatial tiling (encode and decode) splits the frame into overlapping
 tiles, runs each tile through the whole video, and blends the tiles with
-linear ramps. It is chosen automatically from a memory budget or explicitly.
+linear ramps. It is chosen automatically from a memory budget or explicitly
+(`vae_tiling.py`: tile layout, blend weights and the fitted memory model).
 
 Parameter names: original Wan2.1 block layout (`encoder.downsamples.i`,
 `decoder.upsamples.i`, `*.middle.{0,1,2}`, `resample.1`, `time_conv`) with
@@ -24,7 +25,6 @@ conv_shortcut`) and at the ends (`conv_in`, `norm_out`, `conv_out`,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -32,7 +32,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_omnimatte.errors import OmnimatteError
-from ..base import BaseConfig
+from ..base import DTYPES, BaseConfig
+from .vae_tiling import MAX_SCORES_BYTES, Tiling, choose_tiling, estimate_peak_bytes, tile_grid, tiles
 
 CACHE_T = 2  # frames of input each causal conv keeps between chunks
 
@@ -40,9 +41,6 @@ LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
 
 @dataclass
 class Config(BaseConfig):
@@ -192,7 +190,7 @@ class AttentionBlock(nn.Module):
     """Single-head self-attention over the pixels of each frame."""
 
     # Query rows per SDPA call: bounds the score matrix where SDPA materializes it.
-    max_scores_bytes = 256 << 20
+    max_scores_bytes = MAX_SCORES_BYTES
 
     def __init__(self, dim: int):
         super().__init__()
@@ -339,81 +337,20 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------- tiling
 
 
-@dataclass(frozen=True)
-class Tiling:
-    """Spatial tiles in pixels (multiples of the spatial factor, 8): tile size
-    and the overlap blended with linear ramps."""
-
-    height: int = 256
-    width: int = 256
-    overlap: int = 64
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spread starts of tiles of `tile` covering [0, size) with at least `overlap`."""
-    if tile >= size:
-        return [0]
-    n = math.ceil((size - overlap) / (tile - overlap))
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def _ramps(size: int, starts: list[int], tile: int, scale: int) -> list[np.ndarray]:
-    """1D blend weight of each tile (in units of `scale` x the tile grid): rising
-    linearly over the overlap with the previous tile, falling over the next."""
-    out = []
-    for i, s in enumerate(starts):
-        e = min(s + tile, size)
-        w = np.ones((e - s) * scale, np.float32)
-        if i > 0:
-            n = (starts[i - 1] + tile - s) * scale  # overlap with the previous tile
-            if n > 0:
-                w[:n] = np.minimum(w[:n], (np.arange(n) + 1) / (n + 1))
-        if i + 1 < len(starts):
-            n = (e - starts[i + 1]) * scale
-            if n > 0:
-                w[-n:] = np.minimum(w[-n:], (n - np.arange(n)) / (n + 1))
-        out.append(w)
-    return out
-
-
-def _tiles(h: int, w: int, th: int, tw: int, ov: int, scale: int):
-    """Yields (y0, y1, x0, x1) in grid units and the 2D blend weight at `scale`."""
-    ys, xs = tile_starts(h, th, ov), tile_starts(w, tw, ov)
-    wy, wx = _ramps(h, ys, th, scale), _ramps(w, xs, tw, scale)
-    for y0, ry in zip(ys, wy):
-        for x0, rx in zip(xs, wx):
-            yield y0, min(y0 + th, h), x0, min(x0 + tw, w), ry[:, None] * rx[None, :]
-
-
-# Peak-memory model of one tile: weights + k * tile pixels (+ the middle
-# attention's scores), independent of the frame count. k (float32 bytes per
-# pixel of the tile, per chunk of 4 frames in / one latent frame out) was
-# measured with parity/bench_vae.py on the MLX CPU backend (60.3 / 62.6 KiB,
-# fitted at 64x96 and 128x224), plus 10% margin. Most of it is the CPU conv's
-# unfold buffer (27 * 96 channels * 4 frames * 4 bytes = 41.5 KB per pixel);
-# Metal's implicit-GEMM conv3d has none, so the GPU value is the CPU one minus
-# that buffer, plus margin: an estimate, not a measurement.
-BYTES_PER_PIXEL = {
-    "cpu": {"encode": 68_000, "decode": 70_000},
-    "gpu": {"encode": 26_000, "decode": 28_000},
-}
-
-
-def estimate_peak_bytes(stage: str, height: int, width: int, dtype=mx.float32, base_dim: int = 96,
-                        weights_bytes: int | None = None, device: str | None = None) -> int:
-    """Estimated peak memory (bytes) of encoding/decoding frames of `height` x
-    `width` pixels (one tile), whatever the number of frames."""
-    item = 4 if dtype == mx.float32 else 2
-    if weights_bytes is None:
-        weights_bytes = int(127e6 * (base_dim / 96) ** 2 * item)
-    device = device or ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")
-    act = BYTES_PER_PIXEL[device][stage] * (base_dim / 96) * height * width * item / 4
-    tokens = (height // 8) * (width // 8)
-    scores = min(tokens * tokens * 4, AttentionBlock.max_scores_bytes)
-    return int(weights_bytes + act + scores)
-
-
 # --------------------------------------------------------------------------- model
+
+
+def _counter(on_chunk, total: int):
+    """tick() -> on_chunk(done, total); a no-op without a callback."""
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if on_chunk is not None:
+            on_chunk(done, total)
+
+    return tick
 
 
 class Model(nn.Module):
@@ -487,33 +424,37 @@ class Model(nn.Module):
 
     # ----------------------------------------------------------- encode
 
-    def encode(self, video, *, tiling: Tiling | bool | None = None, memory_budget: int | None = None) -> mx.array:
+    def encode(self, video, *, tiling: Tiling | bool | None = None, memory_budget: int | None = None,
+               on_chunk=None) -> mx.array:
         """[B, T, H, W, 3] in [-1, 1] (T = 4n+1) -> normalized posterior mean
         [B, 1+n, H/8, W/8, 16] (float32).
 
         tiling: None = automatic (tiles only when `memory_budget`, in bytes, is
         given and the whole frame would not fit); False = never; True = tiles
-        sized from the budget (default Tiling() without one); a Tiling = those tiles."""
+        sized from the budget (default Tiling() without one); a Tiling = those tiles.
+        `on_chunk(done, total)` is called after each chunk (of each tile)."""
         video = mx.array(video) if not isinstance(video, mx.array) else video
         self._check_video(video)
         _, _, h, w, _ = video.shape
         s = self.config.spatial_factor
         tl = self._tiling_for("encode", h, w, tiling, memory_budget)
+        chunks = 1 + (video.shape[1] - 1) // self.config.temporal_factor
         if tl is None:
-            mu = self._encode_frames(video)
+            mu = self._encode_frames(video, _counter(on_chunk, chunks))
         else:
             lh, lw = h // s, w // s
-            th, tw, ov = _tile_grid(tl, s, lh, lw)
+            th, tw, ov = tile_grid(tl, s, lh, lw)
+            tick = _counter(on_chunk, chunks * len(list(tiles(lh, lw, th, tw, ov, 1))))
             acc = np.zeros(self.latent_shape(video.shape), np.float32)
             wsum = np.zeros((lh, lw, 1), np.float32)
-            for y0, y1, x0, x1, wt in _tiles(lh, lw, th, tw, ov, 1):
-                part = self._encode_frames(video[:, :, y0 * s:y1 * s, x0 * s:x1 * s])
+            for y0, y1, x0, x1, wt in tiles(lh, lw, th, tw, ov, 1):
+                part = self._encode_frames(video[:, :, y0 * s:y1 * s, x0 * s:x1 * s], tick)
                 acc[:, :, y0:y1, x0:x1] += np.array(part) * wt[:, :, None]
                 wsum[y0:y1, x0:x1] += wt[:, :, None]
             mu = mx.array(acc / wsum)
         return (mu - self._mean) / self._std
 
-    def _encode_frames(self, video) -> mx.array:
+    def _encode_frames(self, video, tick) -> mx.array:
         """Raw posterior mean (float32) of whole frames, chunk by chunk."""
         x = video.astype(self.dtype)
         f = self.config.temporal_factor
@@ -523,13 +464,14 @@ class Model(nn.Module):
             h = self.quant_conv(self.encoder(x[:, start:stop], cache))
             mu = h[..., : self.config.z_dim].astype(mx.float32)
             mx.eval(mu, *cache.arrays())
+            tick()
             outs.append(mu)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     # ----------------------------------------------------------- decode
 
     def decode(self, latents, *, tiling: Tiling | bool | None = None, memory_budget: int | None = None,
-               out: np.ndarray | None = None):
+               out: np.ndarray | None = None, on_chunk=None):
         """Normalized latents [B, T', H', W', 16] -> video [B, 1+4(T'-1), 8H', 8W', 3]
         in [-1, 1] (clamped), one latent frame at a time.
 
@@ -550,22 +492,23 @@ class Model(nn.Module):
         z = latents.astype(mx.float32) * self._std + self._mean
         tl = self._tiling_for("decode", shape[2], shape[3], tiling, memory_budget)
         if tl is None:
-            self._decode_frames(z, buf, None)
+            self._decode_frames(z, buf, None, _counter(on_chunk, latents.shape[1]))
         else:
             lh, lw = latents.shape[2:4]
-            th, tw, ov = _tile_grid(tl, s, lh, lw)
+            th, tw, ov = tile_grid(tl, s, lh, lw)
+            tick = _counter(on_chunk, latents.shape[1] * len(list(tiles(lh, lw, th, tw, ov, s))))
             buf[...] = 0
             wsum = np.zeros((lh * s, lw * s, 1), np.float32)
-            for y0, y1, x0, x1, wt in _tiles(lh, lw, th, tw, ov, s):
+            for y0, y1, x0, x1, wt in tiles(lh, lw, th, tw, ov, s):
                 view = buf[:, :, y0 * s:y1 * s, x0 * s:x1 * s]
-                self._decode_frames(z[:, :, y0:y1, x0:x1], view, wt[:, :, None])
+                self._decode_frames(z[:, :, y0:y1, x0:x1], view, wt[:, :, None], tick)
                 wsum[y0 * s:y1 * s, x0 * s:x1 * s] += wt[:, :, None]
             for t in range(shape[1]):  # frame by frame: no full-size temporaries
                 buf[:, t] /= wsum
         np.clip(buf, -1.0, 1.0, out=buf)
         return buf if out is not None else mx.array(buf)
 
-    def _decode_frames(self, z, buf: np.ndarray, weight: np.ndarray | None) -> None:
+    def _decode_frames(self, z, buf: np.ndarray, weight: np.ndarray | None, tick) -> None:
         """Decodes un-normalized latents one latent frame at a time into `buf`
         (assigned, or accumulated times `weight` when tiling)."""
         x = self.post_quant_conv(z.astype(self.dtype))
@@ -574,6 +517,7 @@ class Model(nn.Module):
         for i in range(z.shape[1]):
             y = self.decoder(x[:, i:i + 1], cache).astype(mx.float32)
             mx.eval(y, *cache.arrays())
+            tick()
             n = y.shape[1]
             if weight is None:
                 buf[:, t0:t0 + n] = np.array(y)
@@ -584,45 +528,3 @@ class Model(nn.Module):
     def __call__(self, video):
         """Round trip (encode then decode), untiled."""
         return self.decode(self.encode(video))
-
-
-def _tile_grid(tl: Tiling, s: int, lh: int, lw: int) -> tuple[int, int, int]:
-    """Tiling in pixels -> (tile h, tile w, overlap) in latent units, clamped to the frame."""
-    if min(tl.height, tl.width) < 1 or tl.overlap < 0 or tl.height % s or tl.width % s or tl.overlap % s:
-        raise OmnimatteError(f"tiling: {tl} must use positive multiples of {s} pixels")
-    th, tw, ov = min(tl.height // s, lh), min(tl.width // s, lw), tl.overlap // s
-    if (th < lh and ov >= th) or (tw < lw and ov >= tw):
-        raise OmnimatteError(f"tiling: overlap {tl.overlap} must be smaller than the tile ({tl.height}x{tl.width})")
-    return th, tw, ov
-
-
-def choose_tiling(h: int, w: int, budget: int, estimate, s: int = 8, overlap: int = 64,
-                  min_tile: int = 128) -> Tiling:
-    """Fewest tiles (then the squarest) whose estimated peak fits `budget`;
-    the smallest tiles when none does."""
-    best = None
-    for n in range(1, 1 + (h // s) * (w // s)):
-        for ny in range(1, n + 1):
-            if n % ny:
-                continue
-            nx = n // ny
-            th = _tile_len(h, ny, overlap, s)
-            tw = _tile_len(w, nx, overlap, s)
-            if th < min(min_tile, h) or tw < min(min_tile, w):
-                continue
-            cand = (abs(math.log(th / tw)), Tiling(th, tw, overlap if th < h or tw < w else 0))
-            if estimate(th, tw) <= budget and (best is None or cand[0] < best[0]):
-                best = cand
-        if best is not None:
-            return best[1]
-        if _tile_len(h, n, overlap, s) < min(min_tile, h) and _tile_len(w, n, overlap, s) < min(min_tile, w):
-            break
-    th, tw = min(h, min_tile), min(w, min_tile)
-    return Tiling(th, tw, min(overlap, s * ((min(th, tw) // s - 1) // 2)))
-
-
-def _tile_len(size: int, n: int, overlap: int, s: int) -> int:
-    """Tile length (multiple of s) so that n tiles with `overlap` cover `size`."""
-    if n == 1:
-        return size
-    return min(size, s * math.ceil((size + (n - 1) * overlap) / n / s))

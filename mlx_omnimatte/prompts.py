@@ -1,6 +1,6 @@
-"""Conditioning encoders as pipeline stages: prompt -> UMT5 embedding (with an
-on-disk cache), frame -> CLIP image features. Each stage loads its model,
-runs it and frees it, so the DiT never shares memory with an encoder.
+"""The prompt encoder as a pipeline stage: caption -> UMT5 embedding, with an
+on-disk cache. The encoder is loaded only on a cache miss, run and freed, so
+the DiT never shares memory with it.
 
 Reference behaviour (Wan2.1 `T5EncoderModel` / `HuggingfaceTokenizer` and
 `CLIPModel.visual`):
@@ -8,10 +8,7 @@ Reference behaviour (Wan2.1 `T5EncoderModel` / `HuggingfaceTokenizer` and
   twice, stripped, whitespace runs collapsed to one space;
 * tokenized with the umt5-xxl tokenizer.json (its post-processor appends
   `</s>`), truncated to 512 tokens (the `</s>` kept) and padded with `<pad>`;
-* the encoder output past the prompt's length (tokens incl. `</s>`) is zero;
-* CLIP: the frame in [-1, 1] is resized to 224x224 (whole frame, aspect not
-  kept) with torch's bicubic filter (A = -0.75, align_corners=False, no
-  antialias), mapped to [0, 1] and normalized with the CLIP mean/std.
+* the encoder output past the prompt's length (tokens incl. `</s>`) is zero.
 """
 
 from __future__ import annotations
@@ -23,14 +20,17 @@ import json
 import logging
 import os
 import re
-import unicodedata
 from pathlib import Path
 
+import ftfy
 import mlx.core as mx
 import numpy as np
+from tokenizers import Tokenizer
 
 from .errors import OmnimatteError
-from .progress import Progress, quiet
+from .models import t5
+from .progress import Report, stage
+from .weights import read_config
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +44,12 @@ CACHE_VERSION = 1
 
 # Unicode White_Space: what the `regex` module's \s matches in Wan's whitespace_clean
 _WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
-_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u02bc": "'",
-                         "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})
-_LIGATURES = str.maketrans({"\u0132": "IJ", "\u0133": "ij", "\u0149": "\u02bcn", "\u01c4": "D\u017d",
-                            "\u01c5": "D\u017e", "\u01c6": "d\u017e", "\u01c7": "LJ", "\u01c8": "Lj",
-                            "\u01c9": "lj", "\u01ca": "NJ", "\u01cb": "Nj", "\u01cc": "nj",
-                            "\u01f1": "DZ", "\u01f2": "Dz", "\u01f3": "dz", "\u02a3": "dz", "\u02a6": "ts",
-                            "\u02aa": "ls", "\u02ab": "lz", "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl",
-                            "\ufb03": "ffi", "\ufb04": "ffl", "\ufb05": "\u017ft", "\ufb06": "st"})
-# control characters ftfy removes (C0 but tab/newline/CR/FF, DEL, bidi and
-# interlinear marks, BOM, ...)
-_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f\u206a-\u206f\ufeff\ufff9-\ufffc\U0001d173-\U0001d17a"
-                      "\U000e0000-\U000e007f]")
-
-
-def _fix_text_fallback(text: str) -> str:
-    """The parts of ftfy.fix_text that matter for prompts typed by people:
-    terminal escapes, curly quotes, Latin ligatures, fullwidth forms, control
-    characters, NFC. (ftfy's mojibake repair is not reproduced.)"""
-    text = _ANSI.sub("", text)
-    text = text.translate(_QUOTES).translate(_LIGATURES)
-    text = "".join(unicodedata.normalize("NFKC", c) if 0xFF01 <= ord(c) <= 0xFFEF or c == "\u3000" else c
-                   for c in text)
-    text = _CONTROL.sub("", text)
-    return unicodedata.normalize("NFC", text)
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's `clean='whitespace'`: ftfy (or its documented fallback when ftfy is
-    not installed), HTML unescaped twice, stripped, whitespace collapsed."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        text = _fix_text_fallback(text)
+    """Wan's `clean='whitespace'`: ftfy, HTML unescaped twice, stripped,
+    whitespace collapsed."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
 
@@ -103,8 +73,6 @@ class PromptTokenizer:
     tokenizer) with Wan's cleaning, truncation and padding."""
 
     def __init__(self, path: Path, text_len: int = TEXT_LEN):
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if not path.is_file():
             raise OmnimatteError(f"{path}: tokenizer file missing (convert the text encoder with its "
@@ -198,17 +166,24 @@ def _read_cached(path: Path, text: str) -> mx.array | None:
     return arrays["context"]
 
 
-def _write_cached(path: Path, text: str, context: mx.array) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_cached(path: Path, text: str, context: mx.array) -> bool:
+    """Store one embedding atomically; False (and nothing left) when the cache
+    folder cannot be written: the run goes on without a cache."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), {"context": context}, metadata={"prompt": text, "tokens": str(context.shape[0])})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(tmp), {"context": context},
+                            metadata={"prompt": text, "tokens": str(context.shape[0])})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        log.warning("prompt cache %s not writable (%s): continuing without a cache", path.parent.parent,
+                    e.strerror or e)
+        return False
+    return True
 
 
 def load_text_encoder(t5_dir, quantize: int | None = None):
-    from .models import t5
-    from .weights import read_config
-
     t5_dir = Path(t5_dir)
     config = read_config(t5_dir)
     if config["component"] != "t5":
@@ -221,11 +196,37 @@ def _pad(context: mx.array, text_len: int) -> mx.array:
     return mx.concatenate([context, mx.zeros((text_len - n, d), context.dtype)]) if n < text_len else context
 
 
+def _encode_missing(t5_dir: Path, texts: list[str], quantize, batch_size: int, report: Report) -> dict:
+    """Run the text encoder (loaded here, freed before return) on `texts`:
+    text -> embedding of its tokens [n, d_model]."""
+    tokenizer = load_tokenizer(t5_dir)
+    out_of = {}
+    with stage(report, "text encoder", len(texts)) as tick:
+        model = load_text_encoder(t5_dir, quantize)
+        for i in range(0, len(texts), batch_size):
+            batch = texts[i : i + batch_size]
+            ids, mask = tokenizer(batch, clean=False)  # cleaned by the caller
+            lengths = mask.sum(axis=1)
+            # padded keys are masked out, so the prompt's rows do not depend on how
+            # far the padding goes: run only up to the longest prompt
+            n = int(lengths.max())
+            out = model(mx.array(ids[:, :n]), mx.array(mask[:, :n]))
+            mx.eval(out)
+            for j, text in enumerate(batch):
+                out_of[text] = out[j, : int(lengths[j])]
+            tick(n=len(batch))
+        del model, out
+        gc.collect()
+        mx.clear_cache()
+    return out_of
+
+
 def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = None, batch_size: int = 4,
-                   report: Progress | None = None, stats: dict | None = None) -> list[mx.array]:
+                   report: Report = None, stats: dict | None = None) -> list[mx.array]:
     """Embeddings [512, d_model] (float32, zero past each prompt's tokens) of
     `prompts` (a text or a list of texts), read from the cache when present.
     The encoder is loaded only on a cache miss, run, and freed before return.
+    An unwritable cache folder costs a warning, not the run.
     `stats` (a dict) receives {"hits", "encoded", "tokens", "cache"}."""
     texts = [clean_prompt(p) for p in check_prompts(prompts)]
     t5_dir = Path(t5_dir)
@@ -234,93 +235,12 @@ def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = No
     found = {t: _read_cached(_cache_file(root, fp, t), t) for t in dict.fromkeys(texts)}
     missing = [t for t, c in found.items() if c is None]
     if missing:
-        report = report if report is not None else quiet()
-        tokenizer = load_tokenizer(t5_dir)
-        with report.stage("text encoder"):
-            model = load_text_encoder(t5_dir, quantize)
-            for i in range(0, len(missing), batch_size):
-                batch = missing[i : i + batch_size]
-                ids, mask = tokenizer(batch, clean=False)  # cleaned above
-                lengths = mask.sum(axis=1)
-                # padded keys are masked out, so the prompt's rows do not depend on how
-                # far the padding goes: run only up to the longest prompt
-                n = int(lengths.max())
-                out = model(mx.array(ids[:, :n]), mx.array(mask[:, :n]))
-                mx.eval(out)
-                for j, text in enumerate(batch):
-                    ctx = out[j, : int(lengths[j])]
-                    _write_cached(_cache_file(root, fp, text), text, ctx)
-                    found[text] = ctx
-            del model, out
-            gc.collect()
-            mx.clear_cache()
-        log.info("; ".join(report.lines()[-1:]))
+        encoded = _encode_missing(t5_dir, missing, quantize, batch_size, report)
+        for text, ctx in encoded.items():
+            if not _write_cached(_cache_file(root, fp, text), text, ctx):
+                break  # warned once; the embeddings are still used
+        found.update(encoded)
     if stats is not None:
         stats.update(hits=len(found) - len(missing), encoded=len(missing),
                      tokens=[int(found[t].shape[0]) for t in texts], cache=str(root / fp))
     return [_pad(found[t], TEXT_LEN) for t in texts]
-
-
-# --------------------------------------------------------------------------- CLIP
-
-
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's bicubic resize (align_corners=False, no
-    antialias, Keys' A = -0.75, border taps clamped), with torch's float32
-    rounding: at 1920 px a float32 source coordinate is only good to ~1e-4, so
-    the coordinate is rounded as torch's CPU kernel does (float32 scale, one
-    fused multiply-add) to stay within 1e-6 of its weights."""
-    f = np.float32
-    a = f(-0.75)
-    scale = np.float64(f(n_in) / f(n_out))
-    src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(f)  # exact in float64, rounded once
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    t = np.clip(src - i0.astype(f), f(0), f(1))
-
-    def near(x):  # |x| <= 1
-        return ((a + f(2)) * x - (a + f(3))) * x * x + f(1)
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - f(5) * a) * x + f(8) * a) * x - f(4) * a
-
-    w = np.stack([far(t + f(1)), near(t), near(f(1) - t), far(f(1) - t + f(1))], axis=1)
-    idx = np.clip(i0[:, None] + np.arange(-1, 3), 0, n_in - 1)
-    m = np.zeros((n_out, n_in), np.float32)
-    np.add.at(m, (np.repeat(np.arange(n_out), 4), idx.ravel()), w.ravel())
-    return m
-
-
-def clip_preprocess(frames, size: int = 224) -> mx.array:
-    """frames [H, W, 3] or [B, H, W, 3], uint8 in [0, 255] or float in [-1, 1]
-    -> normalized pixels [B, size, size, 3] float32 (the reference transform)."""
-    from .models.clip import MEAN, STD
-
-    a = np.asarray(frames)
-    if a.ndim == 3:
-        a = a[None]
-    if a.ndim != 4 or a.shape[-1] != 3:
-        raise OmnimatteError(f"clip frame: expected [H, W, 3] or [B, H, W, 3], got shape {a.shape}")
-    x = a.astype(np.float32) / 127.5 - 1.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    wh = mx.array(bicubic_matrix(a.shape[1], size))
-    ww = mx.array(bicubic_matrix(a.shape[2], size))
-    x = mx.einsum("oh,bhwc->bowc", wh, mx.array(x))
-    x = mx.einsum("pw,bowc->bopc", ww, x)
-    return ((x * 0.5 + 0.5) - mx.array(MEAN)) / mx.array(STD)
-
-
-def clip_features(clip_dir, frame, *, report: Progress | None = None) -> mx.array:
-    """CLIP features [B, 257, 1280] (float32) of one frame [H, W, 3] (B = 1)
-    or a batch: load the vision tower, preprocess, run, free."""
-    from .weights import load_model
-
-    report = report if report is not None else quiet()
-    with report.stage("clip"):
-        model = load_model(clip_dir, component="clip")
-        pixels = clip_preprocess(frame, model.config.image_size)
-        out = model(pixels)
-        mx.eval(out)
-        del model
-        gc.collect()
-        mx.clear_cache()
-    log.info(report.lines()[-1])
-    return out

@@ -1,0 +1,42 @@
+"""Helpers every test shares (no tests here): the random-weight initializer
+and the relative error the parity bounds are stated in."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+NORM = re.compile(r"(norm|gamma|ln_|pre_norm)|\.proj\.[04]\.weight$")
+
+
+def random_params(model, seed: int = 0, norm: float = 0.05, bias: float = 0.02,
+                  modulation: float | None = None, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Random float32 values for every parameter of an MLX `model` (MLX names
+    and layout): norm gains near 1 and weights scaled by 1/sqrt(fan in), so
+    activations stay O(1); `modulation` (when given) is the scale of the
+    DiT's modulation tables, O(1) offsets in trained models."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, p in tree_flatten(model.parameters()):
+        shape = tuple(p.shape)
+        if NORM.search(name) and name.endswith(("weight", "gamma")):
+            a = 1.0 + norm * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            a = bias * rng.standard_normal(shape)
+        elif modulation is not None and "modulation" in name:
+            a = modulation * rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[-1]
+            a = scale * rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want| (arrays of MLX or numpy, same shape)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.abs(got - want).max() / np.abs(want).max())

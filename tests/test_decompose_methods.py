@@ -1,0 +1,121 @@
+"""`decompose` without experts: `--method optimize` (Casper removal, then the
+per-layer optimization) with the tiny bundle, and `--clean-plate` with no
+bundle at all; the method choice, and the plate checks before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_omnimatte.cli.main import main
+from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
+from mlx_omnimatte.io.writers import write_png_frames, write_video
+from mlx_omnimatte.synth import make_clip, write_clip
+from tiny_models import write_fun_folder
+
+EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
+FAST = ["--steps", "1", "--size", "64x32", "--quiet"]
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def assert_refused(args, capsys, match: str, out: Path):
+    code, _, err = run(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.fixture(scope="module")
+def casper(tmp_path_factory):
+    """A tiny bundle without experts (what the public weights give)."""
+    root = tmp_path_factory.mktemp("casper")
+    folder = write_fun_folder(root)
+    bundle = root / "bundle"
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in ["convert", folder, "--transformer", root / "casper.safetensors", "-o", bundle]])
+    assert e.value.code == 0
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def synth_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth") / "clip"
+    write_clip(make_clip(seed=3, frames=9, size=(64, 48)), folder)
+    return folder
+
+
+def test_optimize_on_boys_beach(casper, tmp_path, capsys):
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"{EXAMPLES} not present")
+    out = tmp_path / "beach"
+    code, stdout, err = run(["decompose", EXAMPLES / "boys-beach", "--bundle", casper, "-o", out, *FAST,
+                             "--frames", "9", "--iterations", "3", "--batch-frames", "4",
+                             "--layer-format", "png", "--layer-format", "webm"], capsys)
+    assert code == 0, err
+    assert "decompose method: optimize" in err  # the bundle has no experts: chosen and said
+    src = probe_video(EXAMPLES / "boys-beach" / "input_video.mp4")
+    for name in ("00", "01"):
+        folder = out / f"object_{name}"
+        rgba, info = read_rgba(folder / "layer")
+        assert rgba.shape == (9, src.height, src.width, 4) and rgba.dtype == np.uint8
+        webm, _ = read_rgba(folder / "layer.webm")
+        assert webm.shape == rgba.shape
+        for video in ("alpha.mp4", "background.mp4", "preview.mp4"):
+            frames, vi = read_video(folder / video)
+            assert frames.shape[0] == 9 and vi.fps == pytest.approx(src.fps)
+    assert "object_00/layer/  (9 PNG frames)" in stdout
+
+
+def test_clean_plate_without_any_bundle(synth_clip, tmp_path, capsys):
+    out = tmp_path / "layers"
+    code, _, err = run(["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
+                        "--iterations", "40", "--batch-frames", "4", "--quiet"], capsys)
+    assert code == 0, err
+    rgba, _ = read_rgba(out / "object_00" / "layer")
+    bg, _ = read_video(out / "object_00" / "background.mp4")
+    assert rgba.shape == (9, 48, 64, 4) and bg.shape == (9, 48, 64, 3)
+    truth = read_video(synth_clip / "truth" / "background")[0]
+    assert np.abs(bg.astype(np.float32) - truth).mean() < 4.0  # the plate itself (H.264 round trip)
+
+
+def test_clean_plate_dry_run_and_single_image(synth_clip, tmp_path, capsys):
+    image = tmp_path / "plate.png"
+    from PIL import Image
+
+    Image.fromarray(read_video(synth_clip / "truth" / "background", max_frames=1)[0][0]).save(image)
+    code, stdout, _ = run(["decompose", synth_clip, "--clean-plate", image, "-o", tmp_path / "o", "--dry-run"],
+                          capsys)
+    assert code == 0 and "mode: clean-plate, 1 object(s), no model weights" in stdout
+    assert "working grid 64x48" in stdout and not (tmp_path / "o").exists()
+
+
+def test_plate_of_another_size_or_length_refused(synth_clip, tmp_path, capsys):
+    small = tmp_path / "small.mp4"
+    write_video(small, np.zeros((9, 32, 48, 3), np.uint8), 16)
+    out = tmp_path / "out"
+    args = ["decompose", synth_clip, "-o", out, "--iterations", "1", "--quiet"]
+    assert_refused([*args, "--clean-plate", small], capsys, "48x32 differs from the clip's 64x48", out)
+    short = tmp_path / "short"
+    write_png_frames(short, np.zeros((4, 48, 64, 3), np.uint8))
+    assert_refused([*args, "--clean-plate", short], capsys, "4 frames, fewer than the clip's 9", out)
+    assert_refused([*args, "--clean-plate", tmp_path / "nope.mp4"], capsys, "no such clean plate", out)
+    # explicitly fitted, the same plates are accepted
+    code, _, err = run([*args, "--clean-plate", short, "--fit", "loop", "--batch-frames", "4"], capsys)
+    assert code == 0, err
+
+
+def test_method_needs_what_it_names(casper, synth_clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_refused(["decompose", synth_clip, "--bundle", casper, "--method", "experts", "-o", out, *FAST],
+                   capsys, "--method experts: the bundle", out)
+    assert_refused(["decompose", synth_clip, "-o", out, *FAST], capsys,
+                   "give --bundle (a converted model bundle) or --clean-plate PLATE", out)

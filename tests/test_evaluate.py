@@ -1,0 +1,94 @@
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_omnimatte.compositing import as_float
+from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.io.inputs import load_clip_folder
+from mlx_omnimatte.pipelines.evaluate import evaluate
+from mlx_omnimatte.pipelines.outputs import write_decomposition
+from mlx_omnimatte.synth import make_clip, write_clip
+
+
+def _layers(clip, damage=None):
+    """Truth layers as a decompose output would hold them (plate background)."""
+    out = {}
+    for k in range(len(clip.alpha)):
+        alpha = clip.alpha[k].copy()
+        if damage is not None:
+            alpha = damage(alpha, clip, k)
+        out[f"{k:02d}"] = SimpleNamespace(alpha=alpha, foreground=as_float(clip.foreground[k]),
+                                          background=as_float(clip.background))
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    clip = make_clip(2, frames=4, size=(64, 48), objects=2, shadow_opacity=0.5)
+    folder = write_clip(clip, root / "clip")
+    return root, clip, folder
+
+
+def test_truth_layers_score_as_perfect(synthetic):
+    root, clip, folder = synthetic
+    out = write_decomposition(root / "perfect", load_clip_folder(folder), _layers(clip), background="png",
+                              preview=False)
+    ev = evaluate(out, folder, folder / "truth")
+    assert set(ev.rows) == {"00", "01", "all"}
+    assert ev.rows["all"]["recompose_psnr"] > 45
+    for name in ("00", "01"):
+        r = ev.rows[name]
+        assert r["object_mae"] < 3e-3 and r["effect_mae"] < 3e-3 and r["iou"] > 0.99
+        assert r["background_psnr"] == 100.0 and r["effect_pixels"] > 20
+    # one layer over the plate misses the other object
+    assert ev.rows["00"]["recompose_psnr"] < ev.rows["all"]["recompose_psnr"] - 10
+
+
+def test_a_missing_shadow_shows_in_the_effect_error(synthetic):
+    root, clip, folder = synthetic
+
+    def no_shadow(alpha, clip, k):
+        return clip.object_alpha[k].copy()
+
+    out = write_decomposition(root / "noshadow", load_clip_folder(folder), _layers(clip, no_shadow),
+                              background="png", preview=False)
+    r = evaluate(out, folder, folder / "truth").rows["00"]
+    assert r["object_mae"] < 3e-3
+    obj = clip.object_alpha[0] > 0.5
+    from mlx_omnimatte.io.masks import dilate_mask
+
+    region = (clip.effect[0] > 0.05) & ~dilate_mask(obj, 5)
+    assert r["effect_mae"] == pytest.approx(float(clip.alpha[0][region].mean()), abs=5e-3)
+    assert r["effect_mae"] > 0.1
+
+
+def test_cli_table_json_and_errors(synthetic, tmp_path):
+    from mlx_omnimatte.cli.evaluate import evaluate_cmd
+    from mlx_omnimatte.cli.main import main
+
+    root, clip, folder = synthetic
+    out = root / "perfect"
+    if not out.exists():
+        write_decomposition(out, load_clip_folder(folder), _layers(clip), background="png", preview=False)
+    r = CliRunner().invoke(evaluate_cmd, [str(out), "--clip", str(folder), "--truth", str(folder / "truth"),
+                                          "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "recompose_psnr" in r.output and "effect_mae" in r.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["00"]["iou"] > 0.99
+    with pytest.raises(OmnimatteError, match="not a decompose output"):
+        evaluate(tmp_path, folder)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(tmp_path / "nothing"), "--clip", str(folder)]) if "evaluate" in _commands() \
+            else (_ for _ in ()).throw(SystemExit(2))
+    assert e.value.code == 2
+
+
+def _commands():
+    from mlx_omnimatte.cli.main import COMMANDS
+
+    return COMMANDS

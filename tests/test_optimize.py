@@ -1,0 +1,86 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.pipelines import optimize as opt
+from mlx_omnimatte.synth import make_clip
+
+
+def test_losses_follow_the_reference_formulas():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 4, 4, 1)).astype(np.float32)
+    m = (rng.random((2, 4, 4, 1)) > 0.5).astype(np.float32)
+    l0 = float(opt.sparsity_l0(mx.array(a)))
+    assert l0 == pytest.approx(float(np.mean((1 / (1 + np.exp(-5 * a)) - 0.5) * 2)), rel=1e-6)
+    assert float(opt.sparsity_l1(mx.array(a))) == pytest.approx(float(np.abs(a).mean()), rel=1e-6)
+    inside = ((a - m) ** 2 * m).sum() / m.sum()
+    outside = ((a - m) ** 2 * (1 - m)).sum() / (1 - m).sum()
+    assert float(opt.mask_loss(mx.array(a), mx.array(m))) == pytest.approx(float(inside + outside), rel=1e-5)
+
+
+def test_step_schedule():
+    s = opt.OptimizeSettings()
+    assert [s.lr_at(i) for i in (0, 499, 500, 999, 1000, 2000, 5999)] == pytest.approx(
+        [5e-4, 5e-4, 5e-5, 5e-5, 5e-6, 5e-7, 5e-7])
+    assert float(opt.step_weights(s, 999)[3]) == 10.0 and float(opt.step_weights(s, 1000)[3]) == 0.0
+    short = s.scaled(600)
+    assert short.milestones == (50, 100, 200) and short.mask_steps == 100 and short.iterations == 600
+
+
+def test_windows_cover_the_clip_ends():
+    rng = np.random.default_rng(0)
+    starts = np.array([opt.sample_window(rng, 40, 16) for _ in range(2000)])
+    assert starts.min() == 0 and starts.max() == 24
+    assert 0.25 < (starts == 0).mean() < 0.35  # 16 of 56 draws clamp to 0
+    assert opt.sample_window(rng, 5, 16) == 0
+
+
+def test_detail_transfer_and_transmission():
+    alpha = np.array([[[[0.99, 0.5]]], [[[1.0, 1.0]]]], np.float32)  # [K=2, T=1, H=1, W=2]
+    seen = opt.transmission(alpha)
+    np.testing.assert_allclose(seen[1, 0, 0], [0.01, 0.5], atol=1e-6)
+    rgb = np.zeros((2, 1, 1, 2, 3), np.float32)
+    src = np.ones((1, 1, 2, 3), np.float32)
+    masks = [np.zeros((1, 1, 2), bool), np.array([[[False, True]]])]
+    out = opt.transfer_detail(alpha, rgb, src, masks, 0.98)
+    np.testing.assert_array_equal(out[0, 0, 0, :, 0], [1, 0])  # layer 0: seen at 0.99 only
+    np.testing.assert_array_equal(out[1, 0, 0, :, 0], [0, 1])  # layer 1: its mask
+
+
+def test_fit_plate():
+    video = np.zeros((3, 32, 48, 3), np.uint8)
+    image = np.full((32, 48, 3), 7, np.uint8)
+    assert opt.fit_plate(image, 5, (48, 32)).shape == (5, 32, 48, 3)
+    assert opt.fit_plate(np.zeros((9, 32, 48, 3), np.uint8), 5, (48, 32)).shape[0] == 5  # trimmed
+    with pytest.raises(OmnimatteError, match="differs from the clip's 64x32.*--fit"):
+        opt.fit_plate(video, 3, (64, 32))
+    with pytest.raises(OmnimatteError, match="3 frames, fewer than the clip's 5"):
+        opt.fit_plate(video, 5, (48, 32))
+    with pytest.raises(OmnimatteError, match="--fit zoom"):
+        opt.fit_plate(video, 5, (48, 32), fit="zoom")
+    ramp = np.arange(3, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 48, 3), np.uint8)
+    assert list(opt.fit_plate(ramp, 6, (48, 32), "loop")[:, 0, 0, 0]) == [0, 1, 2, 2, 1, 0]
+    assert list(opt.fit_plate(ramp, 6, (48, 32), "stretch")[:, 0, 0, 0]) == [0, 0, 1, 1, 2, 2]
+    assert opt.fit_plate(ramp, 3, (64, 16), "crop").shape == (3, 16, 64, 3)
+    assert opt.fit_plate(ramp, 3, (64, 16), "stretch").shape == (3, 16, 64, 3)
+
+
+def test_bad_inputs():
+    v = np.zeros((2, 32, 32, 3), np.float32)
+    with pytest.raises(OmnimatteError, match="mask 0"):
+        opt.optimize_layer(v, v, np.zeros((2, 16, 32), bool), opt.OptimizeSettings(iterations=1))
+    with pytest.raises(OmnimatteError, match="background"):
+        opt.optimize_layer(v, v[:, :16], np.zeros((2, 32, 32), bool), opt.OptimizeSettings(iterations=1))
+
+
+def test_a_short_fit_lowers_the_loss_and_reports():
+    clip = make_clip(0, frames=4, size=(32, 32), shadow_opacity=0.5)
+    calls = []
+    s = opt.OptimizeSettings(iterations=30, batch_frames=2, nf=8, lr=2e-3)
+    alpha, fg = opt.optimize_layer(clip.video, clip.background, clip.masks[0], s,
+                                   report=lambda *a: calls.append(a))
+    assert alpha.shape == (4, 32, 32) and fg.shape == (4, 32, 32, 3) and alpha.dtype == np.float32
+    assert calls[0][:3] == ("optimize", 0, 30) and calls[-1][1] == 30
+    losses = [float(c[3].split()[1]) for c in calls[1:]]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
