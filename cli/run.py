@@ -72,10 +72,12 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     _refuse_overwriting_inputs(out, [request.clip.source, request.clip.video, *request.clip.masks])
     prepared = prepare(request)
     spec = request.clip
-    if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
-        click.echo(f"{spec.source}: no prompt.json and no --caption: an empty caption is used", err=True)
-    if request.mode is not Mode.REMOVE:
-        click.echo(f"decompose method: {request.mode.value}", err=True)
+    if not quiet:
+        if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
+            click.echo(f"{spec.source}: no prompt.json and no --caption: an empty caption is used", err=True)
+        if request.mode is not Mode.REMOVE:
+            method = "experts" if request.mode is Mode.DECOMPOSE else request.mode.value
+            click.echo(f"decompose method: {method}", err=True)
     if dry_run:
         click.echo(prepared.plan.render(prepared.machine))
         return
@@ -123,16 +125,22 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="experts: the dual-expert method; optimize: Casper removal, then a per-layer optimization "
                    "(default: experts when the bundle has them, else optimize).")
+@click.option("--expert", "expert_args", multiple=True, metavar="KIND=DIR",
+              help="Use this expert directory (e.g. one from `mlx-omnimatte train`) instead of the bundle's "
+                   "(repeatable: effect=DIR, quality=DIR).")
 @click.option("--clean-plate", "plate", type=click.Path(path_type=Path), default=None,
               help="The clean background (a video, frame folder or image): no model runs, no --bundle needed.")
 @click.option("--fit", type=click.Choice(FIT_MODES), default=None,
               help="Fit a clean plate of another size or length: stretch, crop or loop.")
 @click.option("--iterations", type=click.IntRange(0), default=OptimizeSettings.iterations, show_default=True,
-              help="Optimization steps per layer (optimize and clean-plate).")
+              help="Optimization steps per layer (optimize and clean-plate); the reference's schedule "
+                   "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it.")
 @click.option("--batch-frames", type=click.IntRange(1), default=OptimizeSettings.batch_frames, show_default=True,
               help="Consecutive frames per optimization step.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=OptimizeSettings.lr, show_default=True,
+              help="AdamW learning rate of the optimization.")
 def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet, bg_format, formats,
-              no_preview, method, plate, fit, iterations, batch_frames, **settings):
+              no_preview, method, expert_args, plate, fit, iterations, batch_frames, lr, **settings):
     """Split a video into per-object layers: alpha with the object's effects,
     foreground colour, and the clean background.
 
@@ -141,12 +149,16 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
       mlx-omnimatte decompose clips/boys-beach --bundle models/omnimatte-1.3b -o out/beach
       mlx-omnimatte decompose clips/boys-beach --bundle models/casper-1.3b --method optimize -o out/beach
       mlx-omnimatte decompose clips/synth --clean-plate clips/synth/truth/background -o out/synth
+      mlx-omnimatte decompose clips/synth --bundle models/casper-1.3b --expert quality=experts/quality \\
+          --tau 1 -o out/trained
       mlx-omnimatte decompose video.mp4 --mask cat.mp4 --bundle models/omnimatte-1.3b -o out/cat \\
           --tau 0.5 --steps 30 --layer-format prores --layer-format webm
     """
     request = _request(Mode.DECOMPOSE, input, masks, caption, bundle, frames, **settings)
-    request.optimize = OptimizeSettings(iterations=iterations, batch_frames=batch_frames)
+    # the reference's step schedule (lr drops, end of mask supervision) scales with --iterations
+    request.optimize = OptimizeSettings(batch_frames=batch_frames, lr=lr).scaled(iterations)
     request.plate, request.fit = plate, fit
+    request.expert_dirs = dict(_kind_dir(a) for a in expert_args)
     request.mode = choose_mode(request, method)
 
     def write(layers, progress):
@@ -154,6 +166,13 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
                             report=progress)
 
     _execute(request, out, dry_run, overwrite, quiet, write)
+
+
+def _kind_dir(arg: str) -> tuple[str, Path]:
+    kind, sep, path = arg.partition("=")
+    if not sep or not path:
+        raise OmnimatteError(f"--expert {arg}: expected KIND=DIR, e.g. quality=experts/quality")
+    return kind, Path(path)
 
 
 def _read_background(path: Path) -> np.ndarray:

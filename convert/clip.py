@@ -14,12 +14,14 @@ Source layouts (one key map each):
   separate q/k/v projections are fused on read into the qkv layout of the others.
 
 Only ViT-H/14-wide towers (width 1280, 16 heads) are accepted: Wan's image
-branch takes 1280-wide features.
+branch takes 1280-wide features. The MLP activation comes from a config beside
+the weights (`hidden_act` gelu or quick_gelu; see `hidden_act`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -159,7 +161,35 @@ def config_for(ckpt: Checkpoint, fmt: str, src: Path) -> dict:
         raise OmnimatteError(f"{src}: {shapes['pos_embedding'][0]} positions is not a square grid plus a class token")
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     return {"image_size": grid * patch, "patch_size": patch, "width": width, "layers": layers,
-            "heads": width // HEAD_DIM, "mlp_dim": shapes["blocks.0.mlp.fc1.weight"][0], "eps": 1e-5}
+            "heads": width // HEAD_DIM, "mlp_dim": shapes["blocks.0.mlp.fc1.weight"][0], "eps": 1e-5,
+            "hidden_act": hidden_act(Path(src))}
+
+
+def _json_beside(src: Path, name: str) -> dict:
+    path = (src if src.is_dir() else src.parent) / name
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise OmnimatteError(f"{path}: not valid JSON") from None
+    return data if isinstance(data, dict) else {}
+
+
+def hidden_act(src: Path) -> str:
+    """The MLP activation a config beside the weights names: transformers'
+    `hidden_act` (top level or `vision_config`), open_clip's `quick_gelu`
+    flag; exact GELU (Wan's ViT-H/14) when none says."""
+    hf = _json_beside(src, "config.json")
+    oc = _json_beside(src, "open_clip_config.json")
+    act = (hf.get("vision_config") or {}).get("hidden_act") or hf.get("hidden_act")
+    if act is None and (oc.get("model_cfg") or oc).get("quick_gelu"):
+        act = "quick_gelu"
+    act = act or "gelu"
+    if act not in clip_model.ACTIVATIONS:
+        raise OmnimatteError(f"{src}: CLIP hidden_act {act!r} is not supported "
+                             f"({' or '.join(clip_model.ACTIVATIONS)})")
+    return act
 
 
 def build(config: dict):

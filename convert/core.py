@@ -20,11 +20,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.models.base import DTYPES
 
 from .keymap import KeyMap, check_complete, plan_renames, strip_prefix, to_channels_last, torch_shape_to_mlx
+from .quantize import check_quantize, quantize_converted
 from .readers import Checkpoint
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 # component name -> module that defines `SPEC`; the order is the detection order.
 SPEC_MODULES = {
@@ -42,10 +42,11 @@ class ComponentSpec:
     formats: dict[str, KeyMap]
     # checkpoint -> format name, or None when it is not this component
     detect: Callable[[Checkpoint], str | None]
-    # (checkpoint, format, source path) -> architecture config (JSON-able dict)
-    config_for: Callable[[Checkpoint, str, Path], dict]
+    # (checkpoint, format, source path) -> architecture config (JSON-able dict);
+    # None for a custom converter that needs no model (LoRA experts)
+    config_for: Callable[[Checkpoint, str, Path], dict] | None = None
     # config -> MLX module (parameters may stay unevaluated: only shapes are read)
-    build: Callable[[dict], nn.Module]
+    build: Callable[[dict], nn.Module] | None = None
     # source keys to keep out of the conversion before renaming (e.g. CLIP's text tower)
     select: Callable[[str], bool] = lambda key: True
     # (target name, numpy array) -> numpy array, after the conv layout change
@@ -56,6 +57,9 @@ class ComponentSpec:
     extra_files: Callable[[Path], list[tuple[Path, str]]] | None = None
     # a custom converter replaces the generic rename-and-check path (LoRA experts)
     custom: Callable[..., "Converted"] | None = None
+    # (module path, module, group size) -> whether `--quantize` stores its
+    # weight quantized (see quantize.py); None: this component is never quantized
+    quantizable: Callable[[str, nn.Module, int], bool] | None = None
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Converted:
     ignored: dict = field(default_factory=dict)
     extra_files: list = field(default_factory=list)
     extra_json: dict = field(default_factory=dict)  # name -> JSON-able object to write beside
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (e.g. an assumed alpha)
 
 
 def load_spec(component: str) -> ComponentSpec:
@@ -110,12 +115,21 @@ def conv_weight_names(model: nn.Module) -> set[str]:
     return names
 
 
-def convert(ckpt: Checkpoint, spec: ComponentSpec, fmt: str, dtype: str = "bfloat16", **options) -> Converted:
-    """`options` go to a custom converter (e.g. the expert kind of a LoRA)."""
+def convert(ckpt: Checkpoint, spec: ComponentSpec, fmt: str, dtype: str = "bfloat16",
+            quantize: int | None = None, group_size: int = 64, **options) -> Converted:
+    """`options` go to a custom converter (e.g. the expert kind of a LoRA);
+    `quantize` (4 or 8 bits) stores what `spec.quantizable` selects quantized."""
     if dtype not in DTYPES:
         raise OmnimatteError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    if spec.custom is not None:
-        return spec.custom(ckpt, fmt, dtype, **options)
+    if quantize is not None:
+        check_quantize(spec, quantize, group_size)
+    conv = spec.custom(ckpt, fmt, dtype, **options) if spec.custom is not None else _generic(ckpt, spec, fmt, dtype)
+    if not quantize:
+        return conv
+    return quantize_converted(conv, spec.build(conv.config), spec.quantizable, quantize, group_size)
+
+
+def _generic(ckpt: Checkpoint, spec: ComponentSpec, fmt: str, dtype: str) -> Converted:
     source = ckpt.source
     keys = [k for k in ckpt if spec.select(k)]
     prefix = strip_prefix(keys)

@@ -1,17 +1,8 @@
 """LoRA files -> an EasyOmnimatte expert directory (component "expert").
 
-Source formats (detected from the keys; any one of the prefixes
-`base_model.model.`, `model.diffusion_model.`, `diffusion_model.`,
-`transformer.`, `model.`, `pipe.dit.`, `dit.` is stripped; module names may
-be original Wan or diffusers names, see `MODULE_NAMES`):
-
-  peft       diffusers / PEFT: `blocks.0.attn1.to_q.lora_A.weight`,
-             `...lora_B.weight`, optional `...lora_B.bias` (PEFT lora_bias)
-             and `...alpha`
-  kohya      kohya-ss / musubi-tuner: `lora_unet_blocks_0_self_attn_q.lora_down.weight`,
-             `...lora_up.weight`, `...alpha`
-  diffsynth  DiffSynth-Studio: `blocks.0.self_attn.q.lora_A.default.weight`,
-             `...lora_B.default.weight`
+Key layouts and the LoRA scale (alpha, from wherever the trainer stored it)
+are read by `lora_files` (see there); module names may be original Wan or
+diffusers names (see `MODULE_NAMES`).
 
 An optional learned domain embedding (added to the replica tokens) is read
 from a key `domain_embedding` (or `domain_emb`, `domain_embed`,
@@ -30,8 +21,8 @@ The expert's settings come from, first that says wins:
 3. the LoRA itself: dim from the tensor shapes, num_layers from the width
    (1536 -> 30, 5120 -> 40; else the last block + 1), kind from the blocks
    (all blocks -> quality, a tail -> effect), K = the number of blocks,
-   mask B for effect and C for quality, tau 0.5, alpha = rank when the file
-   has no `.alpha`.
+   mask B for effect and C for quality, tau 0.5, alpha as `lora_files`
+   finds it. config.json records `alpha` and `alpha_source`.
 
 Per-module alphas (or ranks) that give a different alpha/rank than the
 first module are folded into that module's B, so one manifest alpha/rank
@@ -48,6 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_omnimatte.branch.attention import check_mask_type
 from mlx_omnimatte.branch.experts import (
     DEFAULT_MASK,
     DEFAULT_TAU,
@@ -56,44 +48,18 @@ from mlx_omnimatte.branch.experts import (
     SUPPORTED_TARGETS,
     check_tau,
 )
-from mlx_omnimatte.branch.attention import check_mask_type
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.models.base import DTYPES
 
-from .core import DTYPES, ComponentSpec, Converted
-from .keymap import KeyMap
+from . import lora_files as lf
+from .core import ComponentSpec, Converted
 from .readers import Checkpoint
 
-PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.",
-            "pipe.dit.", "dit.")
-
-_DOMAIN = (r"(?:domain_embedding|domain_emb|domain_embed|branch_embedding)(?:\.weight)?", "domain_embedding")
-
-
-def _dotted(a: str, b: str, bias: str | None = None) -> KeyMap:
-    """Rules for `blocks.N.<module>.<a>` / `<b>` / `.alpha` names."""
-    rules = [(rf"blocks\.(\d+)\.(.+)\.{a}", r"blocks.\1.\2.lora_a"),
-             (rf"blocks\.(\d+)\.(.+)\.{b}", r"blocks.\1.\2.lora_b")]
-    if bias:
-        rules.append((rf"blocks\.(\d+)\.(.+)\.{bias}", r"blocks.\1.\2.lora_bias"))
-    rules += [(r"blocks\.(\d+)\.(.+)\.alpha", r"blocks.\1.\2.alpha"), _DOMAIN]
-    return KeyMap(rules)
-
-
-_KOHYA = r"lora_unet_(?:diffusion_model_|transformer_|model_)?blocks_(\d+)_(.+)"
-
-# Source format -> rules to `blocks.N.<source module>.<role>`; the module
-# name is then normalized with MODULE_NAMES.
-FORMATS = {
-    "peft": _dotted(r"lora_A\.weight", r"lora_B\.weight", r"lora_B\.bias"),
-    "diffsynth": _dotted(r"lora_A(?:\.default)?\.weight", r"lora_B(?:\.default)?\.weight",
-                         r"lora_B(?:\.default)?\.bias"),
-    "kohya": KeyMap([
-        (rf"{_KOHYA}\.lora_down\.weight", r"blocks.\1.\2.lora_a"),
-        (rf"{_KOHYA}\.lora_up\.weight", r"blocks.\1.\2.lora_b"),
-        (rf"{_KOHYA}\.alpha", r"blocks.\1.\2.alpha"),
-        _DOMAIN,
-    ]),
-}
+_DOMAIN = re.compile(r"(?:domain_embedding|domain_emb|domain_embed|branch_embedding)(?:\.weight)?")
+# a block's module in each layout: dotted `blocks.N.<module>`, kohya `blocks_N_<module>`
+_BLOCK = {"peft": re.compile(r"blocks\.(\d+)\.(.+)"), "diffsynth": re.compile(r"blocks\.(\d+)\.(.+)"),
+          "kohya": re.compile(r"blocks_(\d+)_(.+)")}
+FORMATS = lf.FORMATS
 
 # Module names inside a block (original Wan and diffusers) -> MLX target.
 MODULE_NAMES = {
@@ -115,27 +81,8 @@ UNSUPPORTED = {
 _KOHYA_NAMES = {k.replace(".", "_"): v for k, v in MODULE_NAMES.items()}
 _KOHYA_UNSUPPORTED = {k.replace(".", "_"): v for k, v in UNSUPPORTED.items()}
 
-_LORA_KEY = re.compile(r"\.(?:lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
 OPTIONS = ("kind", "k", "mask_type", "tau", "num_layers", "dim", "alpha")  # + manifest=PATH
-
-
-def detect(ckpt: Checkpoint) -> str | None:
-    """A format name only for LoRA files (any key that is a LoRA A/B weight)."""
-    keys = list(ckpt)
-    if not any(_LORA_KEY.search(k) for k in keys):
-        return None
-    if any(".lora_down." in k or ".lora_up." in k for k in keys):
-        return "kohya"
-    if any(".default.weight" in k for k in keys):
-        return "diffsynth"
-    return "peft"
-
-
-def _strip(key: str) -> str:
-    for p in PREFIXES:
-        if key.startswith(p):
-            return key[len(p):]
-    return key
+detect = lf.detect
 
 
 # --------------------------------------------------------------------------- settings
@@ -206,103 +153,53 @@ def _settings(options: dict, source: Path) -> tuple[dict, Path | None]:
 
 
 def _plan(ckpt: Checkpoint, fmt: str):
-    """{(block, target): {role: source key}} and the domain embedding key."""
-    keymap = FORMATS[fmt]
+    """{(block, target): {role: source key}} in block/target order, the
+    source module of each, and the domain embedding key."""
     names = _KOHYA_NAMES if fmt == "kohya" else MODULE_NAMES
     unsupported = _KOHYA_UNSUPPORTED if fmt == "kohya" else UNSUPPORTED
-    modules, domain = {}, None
-    for key in ckpt:
-        target = keymap.target(_strip(key))
-        if target is None:
-            if ".dora_scale" in key or "magnitude" in key:
-                raise OmnimatteError(f"{ckpt.source}: {key}: DoRA adapters are not supported (plain LoRA only)")
+    domain = [k for k in ckpt if _DOMAIN.fullmatch(lf.strip(k))]
+    if len(domain) > 1:
+        raise OmnimatteError(f"{ckpt.source}: keys {domain[0]} and {domain[1]} are both a domain embedding")
+    grouped = lf.group(ckpt, fmt, skip=lambda k: k in domain)
+    modules, sources = {}, {}
+    for source, roles in grouped.items():
+        key = next(iter(roles.values()))
+        m = _BLOCK[fmt].fullmatch(source)
+        if m is None:
             raise OmnimatteError(f"{ckpt.source}: unexpected key {key} (not a {fmt} LoRA tensor of the DiT blocks)")
-        if target == "domain_embedding":
-            if domain is not None:
-                raise OmnimatteError(f"{ckpt.source}: keys {domain} and {key} are both a domain embedding")
-            domain = key
-            continue
-        _, block, rest = target.split(".", 2)
-        module, role = rest.rsplit(".", 1)
+        block, module = m.groups()
         if module in unsupported:
             raise OmnimatteError(f"{ckpt.source}: {key}: LoRA on {module} is not supported "
                                  f"({unsupported[module]})")
         if module not in names:
             raise OmnimatteError(f"{ckpt.source}: {key}: unknown module {module} "
                                  f"(LoRA targets: {', '.join(SUPPORTED_TARGETS)})")
-        slot = modules.setdefault((int(block), names[module]), {})
-        if role in slot:
-            raise OmnimatteError(f"{ckpt.source}: keys {slot[role]} and {key} are the same LoRA tensor")
-        slot[role] = key
-    if not modules:
-        raise OmnimatteError(f"{ckpt.source}: no LoRA A/B pairs found")
+        slot = (int(block), names[module])
+        if slot in modules:
+            raise OmnimatteError(f"{ckpt.source}: {key} and {next(iter(modules[slot].values()))} are the same LoRA")
+        modules[slot], sources[slot] = roles, source
     order = sorted(modules, key=lambda m: (m[0], SUPPORTED_TARGETS.index(m[1])))
-    return {m: modules[m] for m in order}, domain
+    return {m: modules[m] for m in order}, sources, (domain[0] if domain else None)
 
 
-def _matrix(ckpt: Checkpoint, key: str) -> tuple[int, ...]:
-    shape = tuple(ckpt[key].shape)
-    if len(shape) == 4 and shape[2:] == (1, 1):  # kohya may store linears as 1x1 convs
-        shape = shape[:2]
-    if len(shape) != 2:
-        raise OmnimatteError(f"{ckpt.source}: {key} has shape {tuple(ckpt[key].shape)}, a LoRA matrix is 2-D")
-    return shape
-
-
-def _scalar(ckpt: Checkpoint, key: str) -> float:
-    a = np.asarray(ckpt[key].load(), dtype=np.float64)
-    if a.size != 1 or not np.isfinite(a).all() or float(a.reshape(-1)[0]) <= 0:
-        raise OmnimatteError(f"{ckpt.source}: {key} must hold one positive number (the LoRA alpha)")
-    return float(a.reshape(-1)[0])
-
-
-def convert_lora(ckpt: Checkpoint, fmt: str, dtype: str = "bfloat16", **options) -> Converted:
-    if fmt not in FORMATS:
-        raise OmnimatteError(f"{ckpt.source}: unknown LoRA format {fmt!r} ({', '.join(FORMATS)})")
-    if dtype not in DTYPES:
-        raise OmnimatteError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    src = ckpt.source
-    s, mpath = _settings(options, Path(src))
-    modules, domain_key = _plan(ckpt, fmt)
-
-    # pairs and shapes, first mismatch named
-    dim = s.get("dim")
-    shapes = {}
+def _shapes(ckpt: Checkpoint, modules: dict, dim: int | None) -> tuple[dict, int]:
+    """Rank of each module and the model width, every pair and width checked."""
+    src, ranks = ckpt.source, {}
     for (block, target), roles in modules.items():
         name = f"blocks.{block}.{target}"
-        if "lora_a" not in roles and "lora_b" not in roles:
-            raise OmnimatteError(f"{src}: {next(iter(roles.values()))}: no LoRA matrices for {name} (missing pair)")
-        if "lora_a" not in roles or "lora_b" not in roles:
-            have, lack = ("lora_a", "B (up)") if "lora_a" in roles else ("lora_b", "A (down)")
-            raise OmnimatteError(f"{src}: {roles[have]}: LoRA {name} has no {lack} matrix (missing pair)")
-        a_shape, b_shape = _matrix(ckpt, roles["lora_a"]), _matrix(ckpt, roles["lora_b"])
-        if a_shape[0] != b_shape[1]:
-            raise OmnimatteError(f"{src}: {name}: rank mismatch, {roles['lora_a']} has shape {a_shape} "
-                                 f"and {roles['lora_b']} {b_shape}")
-        if dim is None:
-            dim = a_shape[1]
+        a_shape, b_shape = lf.check_pair(ckpt, name, roles)
+        dim = a_shape[1] if dim is None else dim
         if a_shape[1] != dim or b_shape[0] != dim:
             raise OmnimatteError(f"{src}: {name}: maps {a_shape[1]} -> {b_shape[0]} features, "
                                  f"the model width is {dim}")
         if "lora_bias" in roles and tuple(ckpt[roles["lora_bias"]].shape) != (dim,):
             raise OmnimatteError(f"{src}: {roles['lora_bias']} has shape {tuple(ckpt[roles['lora_bias']].shape)}, "
                                  f"expected ({dim},)")
-        shapes[(block, target)] = a_shape[0]
+        ranks[(block, target)] = a_shape[0]
+    return ranks, dim
 
-    # one manifest alpha/rank; other module scales folded into B
-    def module_alpha(roles, r):
-        return _scalar(ckpt, roles["alpha"]) if "alpha" in roles else s.get("alpha", float(r))
 
-    first = next(iter(modules))
-    rank = shapes[first]
-    alpha = module_alpha(modules[first], rank)
-    fold = {}
-    for m, roles in modules.items():
-        f = (module_alpha(roles, shapes[m]) / shapes[m]) / (alpha / rank)
-        if not math.isclose(f, 1.0, rel_tol=1e-7):
-            fold[m] = f
-
-    blocks = sorted({b for b, _ in modules})
+def _blocks_and_kind(s: dict, blocks: list[int], dim: int, src) -> tuple[int, str, int | None]:
     num_layers = s.get("num_layers") or LAYERS_BY_DIM.get(dim) or blocks[-1] + 1
     if blocks[-1] >= num_layers:
         raise OmnimatteError(f"{src}: LoRA on block {blocks[-1]}, but the model has {num_layers} blocks")
@@ -315,44 +212,54 @@ def convert_lora(ckpt: Checkpoint, fmt: str, dtype: str = "bfloat16", **options)
         if blocks[0] < num_layers - k:
             raise OmnimatteError(f"{src}: the Effect expert has LoRA on block {blocks[0]}, outside the last "
                                  f"K={k} of {num_layers} blocks")
-    domain_shape = None
-    if domain_key is not None:
-        domain_shape = tuple(ckpt[domain_key].shape)
-        if int(np.prod(domain_shape)) != dim:
-            raise OmnimatteError(f"{src}: {domain_key} has shape {domain_shape}, expected {dim} values "
-                                 f"(the model width)")
+    return num_layers, kind, k
 
-    targets = [t for t in SUPPORTED_TARGETS if any(tt == t for _, tt in modules)]
+
+def _check_domain(ckpt: Checkpoint, key: str | None, dim: int) -> None:
+    if key is not None and int(np.prod(ckpt[key].shape)) != dim:
+        raise OmnimatteError(f"{ckpt.source}: {key} has shape {tuple(ckpt[key].shape)}, expected {dim} values "
+                             f"(the model width)")
+
+
+def convert_lora(ckpt: Checkpoint, fmt: str, dtype: str = "bfloat16", **options) -> Converted:
+    if fmt not in FORMATS:
+        raise OmnimatteError(f"{ckpt.source}: unknown LoRA format {fmt!r} ({', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise OmnimatteError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    src = ckpt.source
+    s, mpath = _settings(options, Path(src))
+    modules, sources, domain_key = _plan(ckpt, fmt)
+    ranks, dim = _shapes(ckpt, modules, s.get("dim"))
+    by_source = {sources[m]: roles for m, roles in modules.items()}
+    where = "option alpha" if options.get("alpha") is not None else f"manifest {mpath}"
+    alphas = lf.resolve_alpha(ckpt, fmt, by_source, {sources[m]: r for m, r in ranks.items()}, s.get("alpha"), where)
+    # one alpha/rank for the expert; modules at another scale get it folded into B
+    first = next(iter(modules))
+    rank, alpha = ranks[first], alphas.values[sources[first]]
+    fold = {m: f for m in modules
+            if not math.isclose(f := (alphas.values[sources[m]] / ranks[m]) / (alpha / rank), 1.0, rel_tol=1e-7)}
+    blocks = sorted({b for b, _ in modules})
+    num_layers, kind, k = _blocks_and_kind(s, blocks, dim, src)
+    _check_domain(ckpt, domain_key, dim)
     config = {
-        "component": "expert",
-        "kind": kind,
-        "rank": int(rank),
-        "alpha": float(alpha),
-        "targets": targets,
-        "blocks": blocks,
-        "k": k,
-        "mask_type": s.get("mask_type") or DEFAULT_MASK[kind],
-        "tau_default": s.get("tau", DEFAULT_TAU),
-        "dim": int(dim),
-        "num_layers": int(num_layers),
-        "domain_embedding": domain_key is not None,
-        "source_format": fmt,
-        "manifest": str(mpath) if mpath else None,
-        "dtype": dtype,
+        "component": "expert", "kind": kind, "rank": int(rank), "alpha": float(alpha),
+        "alpha_source": alphas.source,
+        "targets": [t for t in SUPPORTED_TARGETS if any(tt == t for _, tt in modules)],
+        "blocks": blocks, "k": k, "mask_type": s.get("mask_type") or DEFAULT_MASK[kind],
+        "tau_default": s.get("tau", DEFAULT_TAU), "dim": int(dim), "num_layers": int(num_layers),
+        "domain_embedding": domain_key is not None, "source_format": fmt,
+        "manifest": str(mpath) if mpath else None, "dtype": dtype,
     }
-    target_dtype = DTYPES[dtype]
+    tensors = _tensors(ckpt, modules, fold, domain_key, DTYPES[dtype])
+    return Converted(config, tensors, {}, notes=[alphas.note] if alphas.note else [])
 
-    def load2d(key):
-        a = ckpt[key].load()
-        return a.reshape(a.shape[:2]) if a.ndim == 4 else a
 
+def _tensors(ckpt: Checkpoint, modules: dict, fold: dict, domain_key: str | None, target_dtype):
     def tensors():
         for m, roles in modules.items():
-            name = f"blocks.{m[0]}.{m[1]}"
-            f = fold.get(m, 1.0)
-            yield f"{name}.lora_a", mx.array(np.ascontiguousarray(load2d(roles["lora_a"]))).astype(target_dtype)
-            b = load2d(roles["lora_b"]).astype(np.float32)
-            yield f"{name}.lora_b", mx.array(np.ascontiguousarray(b * f if f != 1.0 else b)).astype(target_dtype)
+            name, f = f"blocks.{m[0]}.{m[1]}", fold.get(m, 1.0)
+            yield f"{name}.lora_a", mx.array(lf.load_matrix(ckpt, roles["lora_a"])).astype(target_dtype)
+            yield f"{name}.lora_b", mx.array(lf.load_matrix(ckpt, roles["lora_b"]) * f).astype(target_dtype)
             if "lora_bias" in roles:
                 bias = ckpt[roles["lora_bias"]].load().astype(np.float32) * f
                 yield f"{name}.lora_bias", mx.array(bias).astype(target_dtype)
@@ -360,8 +267,7 @@ def convert_lora(ckpt: Checkpoint, fmt: str, dtype: str = "bfloat16", **options)
             # added to the float32 residual stream: kept in float32
             yield "domain_embedding", mx.array(ckpt[domain_key].load().reshape(-1).astype(np.float32))
 
-    ignored = {}
-    return Converted(config, tensors, ignored)
+    return tensors
 
 
 def _infer_kind(blocks: list[int], num_layers: int, src) -> str:
@@ -373,15 +279,9 @@ def _infer_kind(blocks: list[int], num_layers: int, src) -> str:
                          f"{blocks[0]}..{blocks[-1]} of {num_layers}); pass --expert-kind effect|quality")
 
 
-def _generic_unused(*_args):
-    raise AssertionError("the expert converter is custom: convert() never calls config_for/build")
-
-
 SPEC = ComponentSpec(
     component="expert",
-    formats=FORMATS,
+    formats={f: None for f in FORMATS},
     detect=detect,
-    config_for=_generic_unused,
-    build=_generic_unused,
     custom=convert_lora,
 )

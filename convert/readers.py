@@ -11,7 +11,6 @@ rebuilds tensors from their storages and refuses every other global.
 
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 import zipfile
@@ -19,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import mlx.core as mx
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.weights import read_weight_map
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -92,71 +94,65 @@ class Checkpoint(dict):
 # --------------------------------------------------------------------------- safetensors
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
+def read_safetensors(path: Path) -> Checkpoint:
+    """Header and numpy-typed tensors come from the `safetensors` library
+    (which checks that every tensor lies inside the file). It cannot decode
+    BF16 (numpy and mlx backends: TypeError, and BF16 is what Wan and Casper
+    ship) nor F8 (AttributeError); those bytes come from `mx.load`, lazily
+    (a 512 MB bf16 file, one 64 MB tensor read: 359 MB peak RSS, as with a
+    memmap), which in turn has no F64 and returns F8 as plain uint8. The raw
+    bytes are widened by `_DECODERS` from the header's dtype."""
+    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise OmnimatteError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise OmnimatteError(f"{path}: not a safetensors file (bad header length)")
-            raw = f.read(n)
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except SafetensorError as e:
+        raise OmnimatteError(f"{path}: not a safetensors file, or truncated or corrupt ({e})") from None
     except OSError as e:
         raise OmnimatteError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise OmnimatteError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise OmnimatteError(f"{path}: not a safetensors file (header is not a table)")
-    return header, 8 + n
-
-
-def read_safetensors(path: Path) -> Checkpoint:
-    path = Path(path)
-    header, start = _safetensors_header(path)
-    size = path.stat().st_size
-    metadata = header.pop("__metadata__", None) or {}
     items = {}
-    for key, info in header.items():
-        dtype, shape = info.get("dtype"), tuple(info.get("shape", ()))
+    for key, (dtype, shape) in header.items():
         if dtype not in _DECODERS:
             raise OmnimatteError(f"{path}: tensor {key} has unsupported dtype {dtype}")
-        lo, hi = info["data_offsets"]
-        raw = _DECODERS[dtype][0]
-        if start + hi > size or hi - lo != raw.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise OmnimatteError(f"{path}: truncated or corrupt (tensor {key} lies outside the file)")
-        items[key] = LazyTensor(shape, dtype, _memmap_reader(path, raw, start + lo, shape))
+        read = _raw_reader(path, key, _DECODERS[dtype][0]) if dtype in _RAW else _numpy_reader(path, key)
+        items[key] = LazyTensor(shape, dtype, read)
     return Checkpoint(items, path, "safetensors", metadata)
 
 
-def _memmap_reader(path: Path, dtype: np.dtype, offset: int, shape: tuple):
+_RAW = ("BF16", "F8_E4M3", "F8_E5M2")  # no numpy dtype: read as bits
+
+
+def _numpy_reader(path: Path, key: str):
     def read():
-        count = int(np.prod(shape, dtype=np.int64))
-        if count == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor(key)
+
+    return read
+
+
+def _raw_reader(path: Path, key: str, raw: np.dtype):
+    def read():
+        # a fresh lazy load per tensor: a kept dict would hold every tensor read so far
+        a = mx.load(str(path))[key]
+        if a.dtype == mx.bfloat16:
+            a = a.view(mx.uint16)
+        return np.array(a).view(raw)
 
     return read
 
 
 def read_sharded_safetensors(index: Path) -> Checkpoint:
     index = Path(index)
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OmnimatteError(f"{index}: not a safetensors index (no weight_map)") from None
-    items = {}
-    shards = {}
-    for key, shard in weight_map.items():
+    items, shards = {}, {}
+    for key, shard in read_weight_map(index).items():
         if shard not in shards:
             shard_path = index.parent / shard
             if not shard_path.exists():
                 raise OmnimatteError(f"{index}: shard {shard} is missing")
             shards[shard] = read_safetensors(shard_path)
         if key not in shards[shard]:
-            raise OmnimatteError(f"{shard_path}: tensor {key} named in the index is absent")
+            raise OmnimatteError(f"{index.parent / shard}: tensor {key} named in the index is absent")
         items[key] = shards[shard][key]
     return Checkpoint(items, index, "safetensors")
 

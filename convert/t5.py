@@ -7,9 +7,10 @@ copied into `<out>/tokenizer/`. It is looked for beside the checkpoint, in
 the places the Wan / diffusers folders keep it (see `tokenizer_dirs`), or
 where `$MLX_OMNIMATTE_T5_TOKENIZER` points.
 
-Optional weight quantization at conversion (`convert(..., quantize=4|8)`):
-the Linear layers and the token table become MLX affine-quantized tensors
-(`weight`, `scales`, `biases`) and config.json records `quantization`.
+Optional weight quantization at conversion (`convert(..., quantize=4|8)`,
+see `convert/quantize.py`): the Linear layers and the token table become MLX
+affine-quantized tensors (`weight`, `scales`, `biases`) and config.json
+records `quantization`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import json
 import os
 import re
 from pathlib import Path
-
-import mlx.core as mx
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5 as t5_model
@@ -174,33 +173,8 @@ def _untie(ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
-def quantize_tensors(conv: Converted, bits: int, group_size: int = 64) -> Converted:
-    """Affine-quantize the weights `mlx_omnimatte.models.t5.quantizable` selects."""
-    if bits not in (4, 8):
-        raise OmnimatteError(f"quantize: {bits} bits is not supported (4 or 8)")
-    model = build(conv.config)
-    targets = {f"{path}.weight" for path, m in model.named_modules() if t5_model.quantizable(path, m, group_size)}
-    inner = conv.tensors
-
-    def tensors():
-        for name, arr in inner():
-            if name in targets:
-                w, scales, biases = mx.quantize(arr, group_size=group_size, bits=bits)
-                base = name[: -len(".weight")]
-                yield name, w
-                yield f"{base}.scales", scales
-                yield f"{base}.biases", biases
-            else:
-                yield name, arr
-
-    config = {**conv.config, "quantization": {"bits": bits, "group_size": group_size}}
-    return dataclasses.replace(conv, config=config, tensors=tensors)
-
-
-def convert(ckpt: Checkpoint, fmt: str, dtype: str, quantize: int | None = None, group_size: int = 64,
-            **_options) -> Converted:
-    conv = generic_convert(_untie(ckpt), dataclasses.replace(SPEC, custom=None), fmt, dtype)
-    return quantize_tensors(conv, quantize, group_size) if quantize else conv
+def convert(ckpt: Checkpoint, fmt: str, dtype: str, **_options) -> Converted:
+    return generic_convert(_untie(ckpt), dataclasses.replace(SPEC, custom=None), fmt, dtype)
 
 
 SPEC = ComponentSpec(
@@ -213,4 +187,5 @@ SPEC = ComponentSpec(
     keep_fp32=(r".*pos_embedding\.embedding\.weight", r".*norm\d?\.weight"),
     extra_files=tokenizer_files,
     custom=convert,
+    quantizable=t5_model.quantizable,
 )

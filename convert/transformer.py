@@ -31,6 +31,7 @@ from mlx_omnimatte.models.wan.transformer import Config, Model
 
 from .core import ComponentSpec
 from .keymap import KeyMap, strip_prefix
+from .quantize import linear_in_groups
 from .readers import Checkpoint
 
 _W = r"(weight|bias)"
@@ -236,6 +237,15 @@ def build(config: dict) -> Model:
     return Model(Config.from_dict(config))
 
 
+# The block linears hold ~98% of the weights (1.3B and 14B); embeddings, the head, norms and
+# modulation tables stay as converted (see parity/bench_quantize.py).
+_QUANTIZED = re.compile(r"blocks\.\d+\.(?:self_attn\.[qkvo]|cross_attn\.(?:[qkvo]|k_img|v_img)|ffn\.[02])")
+
+
+def quantizable(path: str, module, group_size: int) -> bool:
+    return bool(_QUANTIZED.fullmatch(path)) and linear_in_groups(module, group_size)
+
+
 SPEC = ComponentSpec(
     component="transformer",
     formats=FORMATS,
@@ -251,4 +261,5 @@ SPEC = ComponentSpec(
         r"blocks\.\d+\.norm3\..*",
         r"img_emb\.proj\.[04]\..*",
     ),
+    quantizable=quantizable,
 )

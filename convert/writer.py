@@ -1,54 +1,25 @@
 """Write a converted model directory: config.json + safetensors (sharded past a
-size, with an index), built in a temporary sibling and renamed when complete."""
+size, with an index), built in a temporary sibling and renamed when complete
+(`io.writers.atomic_output`)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.io.writers import atomic_output
 
 from .core import Converted
 
 SHARD_BYTES = 4 << 30
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OmnimatteError(f"{out}: already exists (pass --overwrite to replace it)")
-
-
-@contextmanager
-def staged_dir(out: Path, overwrite: bool):
-    """Yields a temporary directory that replaces `out` only if the block
-    finishes; on any error or interrupt it is removed and `out` is untouched."""
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_converted(out: Path, conv: Converted, metadata: dict, overwrite: bool = False,
                     shard_bytes: int = SHARD_BYTES) -> Path:
-    with staged_dir(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, directory=True) as tmp:
         write_converted_into(tmp, conv, metadata, shard_bytes)
     return Path(out)
 

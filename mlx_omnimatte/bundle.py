@@ -1,7 +1,9 @@
 """A model bundle: one directory with every converted component and a manifest.
 
     bundle/
-      manifest.json        {"components": {name: subdir}, "experts": {kind: subdir}, ...}
+      manifest.json        {"components": {name: subdir}, "experts": {kind: subdir},
+                            "source": {folder, transformer, transformer_loras: [{file, scale,
+                            format, alpha_source, modules}], quantization: {component: {bits, group_size}}}}
       transformer/ vae/ t5/ clip/      converted model directories
       experts/effect/ experts/quality/ expert directories (LoRA + manifest)
 """

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import html
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from tokenizers import Tokenizer
 from .errors import OmnimatteError
 from .models import t5
 from .progress import Report, stage
-from .weights import read_config
+from .weights import load_weights, read_config, read_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +118,7 @@ def cache_root(cache_dir=None) -> Path:
 def _weight_files(t5_dir: Path) -> list[Path]:
     index = t5_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            raise OmnimatteError(f"{index}: unreadable weight index") from None
-        return [t5_dir / n for n in names]
+        return [t5_dir / n for n in sorted(set(read_weight_map(index).values()))]
     return [t5_dir / "model.safetensors"]
 
 
@@ -188,7 +183,7 @@ def load_text_encoder(t5_dir, quantize: int | None = None):
     config = read_config(t5_dir)
     if config["component"] != "t5":
         raise OmnimatteError(f"{t5_dir}: holds a {config['component']}, not a t5 text encoder")
-    return t5.load(t5_dir, config, quantize_bits=quantize)
+    return t5.load(t5_dir, config, load_weights(t5_dir), quantize_bits=quantize)
 
 
 def _pad(context: mx.array, text_len: int) -> mx.array:

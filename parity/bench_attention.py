@@ -26,7 +26,7 @@ from mlx_omnimatte.branch.attention import branch_attention
 from mlx_omnimatte.memory import DEFAULT_ATTENTION_BUDGET, attention_chunk, format_bytes
 
 HEADS, HEAD_DIM = 12, 128
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+from mlx_omnimatte.models.base import DTYPES  # noqa: E402
 
 
 def additive_mask(n: int, mask_type: str, dtype) -> mx.array:

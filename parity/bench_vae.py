@@ -29,7 +29,7 @@ import numpy as np
 from mlx_omnimatte.models.wan.vae import Config, Model
 from mlx_omnimatte.models.wan.vae_tiling import Tiling
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+from mlx_omnimatte.models.base import DTYPES  # noqa: E402
 
 
 def parse_case(s: str) -> tuple[int, int, int]:

@@ -1,13 +1,16 @@
-"""Helpers every test shares (no tests here): the random-weight initializer
-and the relative error the parity bounds are stated in."""
+"""Helpers every test shares (no tests here): the random-weight initializer,
+the relative error the parity bounds are stated in, and the command line as
+a user runs it."""
 
 from __future__ import annotations
 
 import re
 
-import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
+
+from mlx_omnimatte.cli.main import main
 
 NORM = re.compile(r"(norm|gamma|ln_|pre_norm)|\.proj\.[04]\.weight$")
 
@@ -39,4 +42,32 @@ def rel_err(got, want) -> float:
     """max |got - want| / max |want| (arrays of MLX or numpy, same shape)."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got - want).max() / np.abs(want).max())
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def run_cli(args, capsys):
+    """The CLI as a user runs it: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def run_ok(args, capsys) -> str:
+    """Run the CLI, assert success, return stderr."""
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    return err
+
+
+def assert_refused(args, capsys, match: str, out=None) -> None:
+    """One line `error: ...` naming `match`, exit 2, and (given `out`) no
+    output and no hidden temporary beside it."""
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]

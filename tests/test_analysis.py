@@ -27,8 +27,6 @@ from mlx_omnimatte.io.grid import plan_grid
 from mlx_omnimatte.pipelines.analyze import EFFECT_THRESHOLD, effect_region, find_clips, token_coverage
 from tiny_models import DIT, write_fun_folder
 
-# the entry the command table gets (a no-op once it is registered there)
-cli_main.COMMANDS.setdefault("analyze", "mlx_omnimatte.cli.analyze:analyze")
 
 
 def dense_key_mass(q, k, rows):

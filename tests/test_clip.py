@@ -225,3 +225,31 @@ def test_clip_features(sources, tmp_path):
     model = load_model(out_dir, component="clip")
     ref = model(image_encoder.clip_preprocess(frame, 28))
     assert feats.shape == (1, 5, 1280) and mx.array_equal(feats, ref)
+
+
+def test_quick_gelu_config_is_honoured_or_refused(sources, tmp_path, capsys):
+    import shutil
+
+    from mlx_omnimatte.models.clip import quick_gelu
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(sources / "hf.safetensors", folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"vision_config": {"hidden_act": "quick_gelu"}}))
+    res = convert(folder / "model.safetensors", "-o", tmp_path / "q", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["hidden_act"] == "quick_gelu"
+    quick = load_model(tmp_path / "q")
+    assert quick.blocks[0].mlp.act is quick_gelu
+    plain = convert(sources / "hf.safetensors", "-o", tmp_path / "g", "--dtype", "float32")
+    assert plain.exit_code == 0 and load_model(tmp_path / "g").blocks[0].mlp.act is not quick_gelu
+    x = mx.random.normal((1, 28, 28, 3), key=mx.random.key(3))
+    for m in (quick, load_model(tmp_path / "g")):
+        m.config.feature_layers = 1
+    assert float(mx.abs(quick(x) - load_model(tmp_path / "g")(x)).max()) > 1e-3  # the activation matters
+    (folder / "config.json").write_text(json.dumps({"hidden_act": "gelu_new"}))
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(folder / "model.safetensors"), "-o", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "hidden_act 'gelu_new' is not supported" in err
+    assert not (tmp_path / "bad").exists()

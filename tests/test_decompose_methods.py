@@ -9,41 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
 from mlx_omnimatte.io.writers import write_png_frames, write_video
 from mlx_omnimatte.synth import make_clip, write_clip
-from tiny_models import write_fun_folder
+from helpers import assert_refused, run_cli as run
+from tiny_models import tiny_bundle
 
 EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 FAST = ["--steps", "1", "--size", "64x32", "--quiet"]
 
 
-def run(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def assert_refused(args, capsys, match: str, out: Path):
-    code, _, err = run(args, capsys)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
-
-
 @pytest.fixture(scope="module")
 def casper(tmp_path_factory):
     """A tiny bundle without experts (what the public weights give)."""
-    root = tmp_path_factory.mktemp("casper")
-    folder = write_fun_folder(root)
-    bundle = root / "bundle"
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in ["convert", folder, "--transformer", root / "casper.safetensors", "-o", bundle]])
-    assert e.value.code == 0
-    return bundle
+    return tiny_bundle(tmp_path_factory.mktemp("casper"), experts=False)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +36,8 @@ def test_optimize_on_boys_beach(casper, tmp_path, capsys):
     if not EXAMPLES.is_dir():
         pytest.skip(f"{EXAMPLES} not present")
     out = tmp_path / "beach"
-    code, stdout, err = run(["decompose", EXAMPLES / "boys-beach", "--bundle", casper, "-o", out, *FAST,
+    loud = [a for a in FAST if a != "--quiet"]  # the method choice is part of the run's header
+    code, stdout, err = run(["decompose", EXAMPLES / "boys-beach", "--bundle", casper, "-o", out, *loud,
                              "--frames", "9", "--iterations", "3", "--batch-frames", "4",
                              "--layer-format", "png", "--layer-format", "webm"], capsys)
     assert code == 0, err
@@ -119,3 +99,21 @@ def test_method_needs_what_it_names(casper, synth_clip, tmp_path, capsys):
                    capsys, "--method experts: the bundle", out)
     assert_refused(["decompose", synth_clip, "-o", out, *FAST], capsys,
                    "give --bundle (a converted model bundle) or --clean-plate PLATE", out)
+
+
+def test_disk_full_while_writing_is_one_line(synth_clip, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import mlx_omnimatte.io.writers as writers
+
+    real = writers.write_png_frames
+
+    def full(folder, frames, *a, **k):
+        real(folder, list(frames)[:1], *a, **k)  # some frames land in the hidden folder first
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(writers, "write_png_frames", full)
+    out = tmp_path / "out"
+    args = ["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
+            "--iterations", "1", "--batch-frames", "4", "--quiet"]
+    assert_refused(args, capsys, f"{out}: writing failed (No space left on device); nothing was written", out)

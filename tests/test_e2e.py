@@ -19,42 +19,18 @@ import mlx_omnimatte as mo
 from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
 from mlx_omnimatte.io.writers import write_png_frames, write_video
-from tiny_models import DIT, lora_state, poison, write_fun_folder
+from helpers import assert_refused, run_cli as run
+from tiny_models import DIT, lora_state, poison, tiny_bundle
 
 EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"shared clips not found at {EXAMPLES}")
 FAST = ["--steps", "2", "--size", "128x64", "--quiet"]
 
 
-def run(args, capsys):
-    """The CLI as a user runs it: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def assert_refused(args, capsys, match: str, out: Path | None = None):
-    code, _, err = run(args, capsys)
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    folder = write_fun_folder(root)
-    bundle = root / "bundle"
-    code = main_code(["convert", folder, "--transformer", root / "casper.safetensors",
-                      "--expert", f"effect={root / 'effect.safetensors'}",
-                      "--expert", f"quality={root / 'quality.safetensors'}", "-o", bundle])
-    assert code == 0
-    return root, bundle
+    return root, tiny_bundle(root)
 
 
 def main_code(args) -> int:

@@ -86,3 +86,31 @@ def test_explicit_paths(folder):
         load_clip(folder / "input_video.mp4", [folder / "mask_2.mp4"], names=["a", "b"])
     with pytest.raises(OmnimatteError, match="no object masks given"):
         load_clip(folder / "input_video.mp4", [])
+
+
+def test_resolve_once_names_frames_and_clip_folder_rules(folder, tmp_path):
+    from mlx_omnimatte.io.inputs import read_clip, resolve_clip
+
+    video = folder / "input_video.mp4"
+    other = tmp_path / "other"
+    write_video(other / "mask_2.mp4", _mask(5), 16)
+    # two masks with the same file name from different folders: named on the command line
+    spec = resolve_clip(video, [f"left={folder / 'mask_2.mp4'}", f"right={other / 'mask_2.mp4'}"], frames=3)
+    assert spec.names == ["left", "right"] and spec.info.frames == 3 and spec.caption_from == "none"
+    clip = read_clip(spec)
+    assert clip.num_frames == 3 and clip.info.frames == 3 and [m.shape[0] for m in clip.masks] == [3, 3]
+    assert clip.names == ["left", "right"]
+    with pytest.raises(OmnimatteError, match=r"not unique \(2, 2\); name them with --mask NAME=PATH"):
+        resolve_clip(video, [folder / "mask_2.mp4", other / "mask_2.mp4"])
+    with pytest.raises(OmnimatteError, match="a clip folder takes no --mask"):
+        resolve_clip(folder, [folder / "mask_2.mp4"])
+    with pytest.raises(OmnimatteError, match="--frames 0: must be at least 1"):
+        resolve_clip(folder, frames=0)
+    # a mask of another length is refused from the headers, before any decoding
+    write_video(tmp_path / "long.mp4", np.zeros((T + 2, H, W), np.uint8), 16)
+    with pytest.raises(OmnimatteError, match=f"mask has {T + 2} frames but the video"):
+        resolve_clip(video, [tmp_path / "long.mp4"])
+    assert resolve_clip(folder).caption_from == "none"
+    (folder / "prompt.json").write_text(json.dumps({"bg": "a wall"}))
+    spec = resolve_clip(folder, frames=99)
+    assert spec.caption == "a wall" and spec.caption_from == "prompt.json" and spec.info.frames == T

@@ -1,7 +1,8 @@
-"""The import structure: modules import downwards only (cli -> convert ->
-pipelines -> train -> branch / encoders -> bundle, io, weights -> models ->
-base utilities), nothing imports the command line, and no project import
-hides inside a function (the way a cycle is usually dodged)."""
+"""The import structure: modules import downwards only (cli -> pipelines ->
+train -> convert -> branch / encoders / synth -> bundle, io, weights,
+sampling -> models -> progress, memory, compositing -> errors), nothing
+imports the command line, and no project import hides inside a function
+(the way a cycle is usually dodged)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ LAYERS = {
     "mlx_omnimatte.weights": 4, "mlx_omnimatte.sampling": 4, "mlx_omnimatte.io": 4,
     "mlx_omnimatte.bundle": 5, "mlx_omnimatte.branch": 5, "mlx_omnimatte.prompts": 5,
     "mlx_omnimatte.image_encoder": 5, "mlx_omnimatte.synth": 5, "mlx_omnimatte.analysis": 5,
-    "mlx_omnimatte.train": 6,
-    "mlx_omnimatte.pipelines": 7,
-    "mlx_omnimatte.convert": 8,
+    "mlx_omnimatte.convert": 6,
+    "mlx_omnimatte.train": 7,
+    "mlx_omnimatte.pipelines": 8,
     "mlx_omnimatte.cli": 9,
 }
 # the package's lazy API (`mo.decompose`) sits above everything by design

@@ -77,10 +77,51 @@ def test_bad_inputs():
 def test_a_short_fit_lowers_the_loss_and_reports():
     clip = make_clip(0, frames=4, size=(32, 32), shadow_opacity=0.5)
     calls = []
-    s = opt.OptimizeSettings(iterations=30, batch_frames=2, nf=8, lr=2e-3)
+    s = opt.OptimizeSettings(iterations=40, batch_frames=2, nf=8, lr=2e-3, norm_identity=True)
     alpha, fg = opt.optimize_layer(clip.video, clip.background, clip.masks[0], s,
                                    report=lambda *a: calls.append(a))
     assert alpha.shape == (4, 32, 32) and fg.shape == (4, 32, 32, 3) and alpha.dtype == np.float32
-    assert calls[0][:3] == ("optimize", 0, 30) and calls[-1][1] == 30
+    assert calls[0][:3] == ("optimize", 0, 40) and calls[-1][1] == 40
     losses = [float(c[3].split()[1]) for c in calls[1:]]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+@pytest.mark.slow
+def test_clean_plate_fit_finds_the_object():
+    """64x64, 8 frames, 100 iterations with a short-run schedule (measured:
+    IoU 0.84, recomposition 28.9 dB; the reference schedule needs thousands
+    of iterations)."""
+    from mlx_omnimatte import metrics
+    from mlx_omnimatte.compositing import recompose
+
+    clip = make_clip(3, frames=8, size=(64, 64), shadow_opacity=0.5)
+    s = opt.OptimizeSettings(iterations=100, batch_frames=4, lr=1e-3, mask_steps=30, milestones=(30, 60),
+                             norm_identity=True)
+    [(alpha, fg)] = opt.run_clean_plate(clip.video, clip.masks, clip.background, s)
+    assert metrics.iou(alpha, clip.alpha[0]) > 0.75
+    assert metrics.psnr(recompose(alpha, fg, clip.background), clip.video) > 27.0
+
+
+def test_joint_clean_plate_layers_learn_their_own_objects():
+    clip = make_clip(1, frames=4, size=(32, 32), objects=2, shadow_opacity=0.5)
+    # objects of a few dozen pixels here: no erosion
+    s = opt.OptimizeSettings(iterations=60, batch_frames=2, nf=8, lr=3e-3, norm_identity=True, erode=1)
+    layers = opt.run_clean_plate(clip.video, clip.masks, clip.background, s)
+    assert len(layers) == 2
+    for k, (alpha, fg) in enumerate(layers):
+        assert alpha.shape == (4, 32, 32) and np.isfinite(fg).all()
+        own, other = clip.masks[k], clip.masks[1 - k] & ~clip.masks[k]
+        # mask supervision (and the mask input channel) separate the layers
+        assert alpha[own].mean() > alpha[other].mean() + 0.2
+
+
+def test_compiled_step_matches_the_plain_one():
+    clip = make_clip(0, frames=3, size=(32, 32))
+    runs = []
+    for compiled in (True, False):
+        calls = []
+        s = opt.OptimizeSettings(iterations=4, batch_frames=2, nf=4, lr=1e-2, compile=compiled, milestones=(2,))
+        alpha, _ = opt.optimize_layer(clip.video, clip.background, clip.masks[0], s, lambda *a: calls.append(a))
+        runs.append(([float(c[3].split()[1]) for c in calls[1:]], alpha))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-4)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-4)

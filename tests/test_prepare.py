@@ -16,14 +16,15 @@ from mlx_omnimatte.synth import read_truth
 from mlx_omnimatte.train.cache import LatentCache, bundle_identity, read_manifest, sample_file
 from mlx_omnimatte.bundle import open_bundle
 from mlx_omnimatte.errors import OmnimatteError
-from test_train_cli import assert_refused, make_bundle, make_data, run_ok
+from helpers import assert_refused, run_ok
+from tiny_models import tiny_bundle, tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
-    bundle = make_bundle(root)
-    data = make_data(root)
+    bundle = tiny_bundle(root)
+    data = tiny_dataset(root)
     cache = root / "cache"
     return root, bundle, data, cache
 

@@ -7,11 +7,11 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from branch_utils import convert_expert, inputs
+from helpers import rel_err
 from mlx_omnimatte.branch import branch_forward
 from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.weights import load_model, load_weights
@@ -26,10 +26,6 @@ def run(*args) -> int:
         main([str(a) for a in args])
     return e.value.code
 
-
-def rel(a, b) -> float:
-    a, b = np.array(a, np.float64), np.array(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +63,7 @@ def test_quantized_forward_close_to_float(converted):
     xin = mx.concatenate([x["z_bg"], x["cond"]], axis=-1)
     t = mx.array([700.0])
     v = {n: m(xin, t, x["context"], x["clip_fea"]) for n, m in models.items()}
-    err8, err4 = rel(v["q8"], v["fp32"]), rel(v["q4"], v["fp32"])
+    err8, err4 = rel_err(v["q8"], v["fp32"]), rel_err(v["q4"], v["fp32"])
     assert err8 < 0.02 and err4 < 0.2 and err8 < err4 / 4, (err8, err4)
 
 
@@ -84,8 +80,8 @@ def test_expert_on_quantized_layers(converted, tmp_path):
                               mask_type="C", cond=x["cond"])[1]
 
     with_f, with_q, without_q = alpha_v(full, expert), alpha_v(q8, expert), alpha_v(q8, None)
-    assert rel(with_q, with_f) < 0.02
-    assert rel(with_q, without_q) > 10 * rel(with_q, with_f)  # the expert still acts
+    assert rel_err(with_q, with_f) < 0.02
+    assert rel_err(with_q, without_q) > 10 * rel_err(with_q, with_f)  # the expert still acts
     assert isinstance(q8.blocks[0].self_attn.q, nn.QuantizedLinear)  # wrappers were removed after the run
 
 

@@ -13,6 +13,7 @@ from ckpt_utils import save_torch_zip
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
+from mlx_omnimatte.prompts import load_text_encoder
 from mlx_omnimatte.weights import load_model
 from encoder_utils import hf_weights, make_tokenizer, to_wan
 
@@ -214,7 +215,7 @@ def test_quantized_conversion(hf_src, tmp_path, bits, tol):
     err = (mx.abs(q(ids, mask) - ref).max() / mx.abs(ref).max()).item()
     assert 0 < err < tol
     with pytest.raises(OmnimatteError, match="requantize"):
-        t5.load(tmp_path / "q", json.loads((tmp_path / "q" / "config.json").read_text()), quantize_bits=12 - bits)
+        load_text_encoder(tmp_path / "q", quantize=12 - bits)
 
 
 def test_quantize_rejects_other_bits():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -19,60 +18,10 @@ from mlx_omnimatte.train.cache import LatentCache
 from mlx_omnimatte.train.session import run_training, work_dir
 from mlx_omnimatte.train.trainer import TrainSettings, new_state, train, trained_expert
 from mlx_omnimatte.train.validate import ValidationSettings, validate
-from mlx_omnimatte import synth
-from mlx_omnimatte.cli import main as cli_main
-from tiny_models import write_fun_folder
+from helpers import assert_refused, run_ok
+from tiny_models import tiny_bundle, tiny_dataset
 
 # --------------------------------------------------------------------------- shared with test_prepare.py
-
-TRAIN_COMMANDS = {"prepare": "mlx_omnimatte.cli.train:prepare", "train": "mlx_omnimatte.cli.train:train",
-                  "export": "mlx_omnimatte.cli.train:export"}
-CLIPS = dict(frames=5, size=(64, 48))  # latent 2 x 6 x 8: 24 tokens per half
-
-
-def run(args, capsys):
-    """The CLI as a user runs it: (exit status, stdout, stderr)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, target in TRAIN_COMMANDS.items():
-            mp.setitem(cli_main.COMMANDS, name, target)
-        with pytest.raises(SystemExit) as e:
-            cli_main.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def run_ok(args, capsys) -> str:
-    code, out, err = run(args, capsys)
-    assert code == 0, err
-    return err
-
-
-def assert_refused(args, capsys, match: str, out: Path | None = None) -> None:
-    code, _, err = run(args, capsys)
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
-
-
-def make_bundle(root: Path) -> Path:
-    folder = write_fun_folder(root)
-    bundle = root / "bundle"
-    try:
-        cli_main.main([str(a) for a in ["convert", folder, "--transformer", root / "casper.safetensors",
-                                        "--expert", f"effect={root / 'effect.safetensors'}",
-                                        "--expert", f"quality={root / 'quality.safetensors'}", "-o", bundle]])
-    except SystemExit as e:
-        assert e.code == 0
-    return bundle
-
-
-def make_data(root: Path, count: int = 2) -> Path:
-    return synth.write_dataset(root / "data", count, seed=5, **CLIPS)
-
 
 # --------------------------------------------------------------------------- train and export
 
@@ -82,8 +31,8 @@ TRAIN = ["--rank", "4", "--k", "1", "--dtype", "float32", "--quiet"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    bundle = make_bundle(root)
-    data = make_data(root)
+    bundle = tiny_bundle(root)
+    data = tiny_dataset(root)
     cache = root / "cache"
     from mlx_omnimatte.pipelines.prepare import prepare
 
@@ -108,7 +57,13 @@ def test_trained_expert_loads_in_a_bundle_and_decomposes(setup, capsys, tmp_path
         assert e.kind == kind and e.rank == 4 and e.mask_type == ("B" if kind == "effect" else "C")
     assert mo.load_model(experts["effect"], "expert").blocks == (1,)
     assert mo.load_model(experts["quality"], "expert").blocks == (0, 1)
-    # a bundle whose experts are the trained ones
+    # the trained experts over the bundle's own, straight from the trainer's output
+    out = tmp_path / "dec"
+    err = run_ok(["decompose", data / "00000", "--bundle", bundle, "-o", out, "--steps", "2", "--size", "64x48",
+                  "--dtype", "float32", "--expert", f"effect={experts['effect']}",
+                  "--expert", f"quality={experts['quality']}", "--cache-dir", root / "prompts"], capsys)
+    assert "decompose method: experts" in err and (out / "object_00" / "alpha.mp4").is_file()
+    # and in a bundle whose manifest lists them
     trained = tmp_path / "bundle"
     trained.mkdir()
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -116,7 +71,7 @@ def test_trained_expert_loads_in_a_bundle_and_decomposes(setup, capsys, tmp_path
         os.symlink(bundle / sub, trained / sub)
     manifest["experts"] = {k: str(p) for k, p in experts.items()}
     (trained / "manifest.json").write_text(json.dumps(manifest))
-    out = tmp_path / "dec"
+    out = tmp_path / "dec2"
     run_ok(["decompose", data / "00000", "--bundle", trained, "-o", out, "--steps", "2", "--size", "64x48",
             "--dtype", "float32", "--quiet", "--cache-dir", root / "prompts"], capsys)
     assert (out / "object_00").is_dir()

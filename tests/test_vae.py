@@ -345,13 +345,13 @@ def test_blend_weights_are_a_partition_of_unity():
 
 def _pointwise(monkeypatch, model):
     """Replace the networks by per-position maps, so that tiling must be exact."""
-    def fake_encode(self, video):
+    def fake_encode(self, video, tick):
         v = np.array(video)
         b, t, h, w, _ = v.shape  # every 4th frame, 8x8 average pooled
         pooled = v[:, ::4].reshape(b, (t - 1) // 4 + 1, h // 8, 8, w // 8, 8, 3).mean((3, 5))
         return mx.array(np.tile(pooled, (1, 1, 1, 1, 6))[..., :16])
 
-    def fake_decode(self, z, buf, weight):
+    def fake_decode(self, z, buf, weight, tick):
         zz = np.array(z)[..., :3]
         up = np.repeat(np.repeat(zz, 8, axis=2), 8, axis=3)
         frames = np.concatenate([up[:, :1], np.repeat(up[:, 1:], 4, axis=1)], axis=1) * 0.1
@@ -437,3 +437,19 @@ def test_automatic_tiling_runs(tiny, monkeypatch):
     y = tiny.decode(z, memory_budget=est - 1)  # just too small: tiles
     assert y.shape == (1, 5, 144, 96, 3) and float(mx.abs(y).max()) <= 1
     assert len(calls) == 2 and all(c[2] < 18 for c in calls)  # two tiles of < 18 latent rows
+
+
+def test_progress_per_chunk_and_latent_frame():
+    """encode reports each chunk (frame 0, then 4 frames at a time), decode
+    each latent frame, with the totals, also through tiles."""
+    m = V.Model(V.Config(base_dim=8, z_dim=16))
+    video = mx.zeros((1, 9, 32, 48, 3))
+    enc = []
+    z = m.encode(video, on_chunk=lambda d, t: enc.append((d, t)))
+    assert enc == [(1, 3), (2, 3), (3, 3)]
+    dec = []
+    m.decode(z, on_chunk=lambda d, t: dec.append((d, t)))
+    assert dec == [(1, 3), (2, 3), (3, 3)]
+    tiled = []
+    m.decode(z, tiling=T.Tiling(16, 32, 8), on_chunk=lambda d, t: tiled.append((d, t)))
+    assert tiled[-1][0] == tiled[-1][1] == 3 * len(list(T.tiles(4, 6, 2, 4, 1, 8)))

@@ -23,6 +23,8 @@ from safetensors.numpy import save_file
 from branch_utils import adapter_keys, random_adapter
 from helpers import random_params
 from ckpt_utils import save_torch_zip
+from mlx_omnimatte import synth
+from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.convert.core import conv_weight_names
 from encoder_utils import hf_weights, make_tokenizer, to_wan
 
@@ -148,3 +150,27 @@ def poison(component_dir: Path, name_part: str = "head.head.weight") -> None:
     w.flat[0] = np.nan
     weights[key] = mx.array(w).astype(weights[key].dtype)
     mx.save_safetensors(str(f), weights)
+
+
+def tiny_bundle(root: Path, experts: bool = True) -> Path:
+    """The tiny model folder converted by the real CLI into root/bundle: the
+    Casper-like DiT, with the two expert LoRAs unless `experts` is False."""
+    folder = write_fun_folder(root)
+    bundle = root / "bundle"
+    args = ["convert", folder, "--transformer", root / "casper.safetensors", "-o", bundle]
+    if experts:
+        args += ["--expert", f"effect={root / 'effect.safetensors'}", "--expert",
+                 f"quality={root / 'quality.safetensors'}"]
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+    return bundle
+
+
+TINY_CLIPS = dict(frames=5, size=(64, 48))  # latent 2 x 6 x 8: 24 tokens per half
+
+
+def tiny_dataset(root: Path, count: int = 2) -> Path:
+    """`count` synthetic clips in root/data (the training tests' data set)."""
+    return synth.write_dataset(root / "data", count, seed=5, **TINY_CLIPS)

@@ -29,7 +29,6 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from ..errors import OmnimatteError
-from ..weights import load_weights
 from .attention import check_mask_type
 
 KINDS = ("effect", "quality")
@@ -138,11 +137,11 @@ def _manifest_int(config: dict, key: str, path) -> int:
     return v
 
 
-def load(path, config: dict) -> Expert:
-    """Read a converted expert directory (called by `weights.load_model`)."""
+def load(path, config: dict, weights: dict) -> Expert:
+    """Build an expert from a converted directory's config and tensors
+    (called by `weights.load_model`)."""
     path = Path(path)
     where = str(path)
-    weights = load_weights(path)
     lora, domain = {}, None
     for name, arr in weights.items():
         if name == "domain_embedding":

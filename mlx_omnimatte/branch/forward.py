@@ -88,7 +88,7 @@ def check_experts(model, *experts: Optional[Expert]) -> None:
             e.check_model(cfg.dim, cfg.num_layers)
 
 
-def _timesteps(t, batch: int) -> mx.array:
+def batch_timesteps(t, batch: int) -> mx.array:
     t = t if isinstance(t, mx.array) else mx.array(t, dtype=mx.float32)
     t = t.reshape(-1).astype(mx.float32)
     return mx.broadcast_to(t, (batch,)) if t.shape[0] == 1 else t
@@ -124,7 +124,7 @@ def branch_forward(model, expert: Optional[Expert], x_bg, x_alpha, t, context=No
     if expert is not None and expert.domain_embedding is not None:
         replica = replica + expert.domain_embedding.astype(replica.dtype)
     x = mx.concatenate([tokens[:B], replica], axis=1)  # [B, 2N, D]
-    temb, e6 = model.embed_time(_timesteps(t, B))
+    temb, e6 = model.embed_time(batch_timesteps(t, B))
     if ctx is None:
         if context is None:
             raise ValueError("branch_forward needs context (or a precomputed ctx)")

@@ -115,6 +115,9 @@ def atomic_output(path: str | Path, overwrite: bool = False, directory: bool = F
             _remove(old)
         else:
             os.rename(tmp, path)
+    except OSError as e:  # disk full, permissions: said of the output, not of its hidden folder
+        _remove(tmp)
+        raise OmnimatteError(f"{path}: writing failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         _remove(tmp)
         raise

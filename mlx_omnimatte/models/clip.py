@@ -2,12 +2,12 @@
 
 Pre-LN ViT: patch conv (no bias) -> [class token; patches] + positions ->
 LayerNorm -> blocks (LN -> fused-qkv attention -> residual, LN -> MLP with
-exact GELU -> residual). Wan uses the hidden states after the penultimate
+exact GELU, or quick-GELU where the config says so -> residual). Wan uses the hidden states after the penultimate
 block (`use_31_block=True`), before the final LayerNorm and projection, so
 the last block is kept in the weights but not run by default.
 
 Inputs are channels-last pixels already resized to `image_size` and
-normalized with the CLIP mean/std (see `mlx_omnimatte.text.clip_preprocess`).
+normalized with the CLIP mean/std (see `mlx_omnimatte.image_encoder.clip_preprocess`).
 LayerNorms and the residual stream run in float32 (the reference computes its
 LayerNorms in float32 too); matmuls in the weight dtype.
 """
@@ -36,6 +36,13 @@ class Config(BaseConfig):
     eps: float = 1e-5
     # blocks run before the features are read: layers - 1 = the penultimate block
     feature_layers: int | None = None
+    # MLP activation: "gelu" (exact, open-clip ViT-H/14 as Wan uses it) or
+    # "quick_gelu" (x * sigmoid(1.702 x), OpenAI's CLIP towers)
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"clip: hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
 
 
     @property
@@ -58,14 +65,22 @@ class Attention(nn.Module):
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}  # gelu: exact (erf), Wan's 'gelu'
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu(self.fc1(x)))  # exact (erf) GELU, as Wan's 'gelu' activation
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):

@@ -15,15 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map_with_path
 
 from mlx_omnimatte.errors import OmnimatteError
-from .base import BaseConfig
+from .base import BaseConfig, float32_scales, quantize_like
 
 
 @dataclass
@@ -156,30 +154,21 @@ def quantizable(path: str, module: nn.Module, group_size: int = 64) -> bool:
     return module.weight.shape[-1] % group_size == 0
 
 
-def _apply_quantization(model: Model, bits: int, group_size: int) -> None:
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda p, m: quantizable(p, m, group_size))
-
-
 def quantize(model: Model, bits: int, group_size: int = 64) -> Model:
     if bits not in (4, 8):
         raise OmnimatteError(f"quantize: {bits} bits is not supported (4 or 8)")
-    _apply_quantization(model, bits, group_size)
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: quantizable(p, m, group_size))
     model.config.quantization = {"bits": bits, "group_size": group_size}
     return model
 
 
-def load(path, config: dict, quantize_bits: int | None = None) -> Model:
-    """Build from a converted directory: honours stored quantization
-    (config["quantization"]) or quantizes unquantized weights on load."""
-    from mlx_omnimatte.weights import load_weights
-
-    path = Path(path)
+def load(path, config: dict, weights: dict, quantize_bits: int | None = None) -> Model:
+    """Build from a converted directory's config and weights: honours stored
+    quantization (config["quantization"]) or quantizes unquantized weights on
+    load. float16 weights run in bfloat16 (T5 activations overflow float16)."""
     cfg = Config.from_dict(config)
     model = Model(cfg)
-    if cfg.quantization:
-        _apply_quantization(model, cfg.quantization["bits"], cfg.quantization["group_size"])
-    weights = load_weights(path)
+    quantize_like(model, config, weights)
     weights = {k: v.astype(mx.bfloat16) if v.dtype == mx.float16 else v for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -190,16 +179,7 @@ def load(path, config: dict, quantize_bits: int | None = None) -> Model:
     elif quantize_bits and cfg.quantization["bits"] != quantize_bits:
         raise OmnimatteError(f"{path}: stored with {cfg.quantization['bits']}-bit weights; "
                              f"cannot requantize to {quantize_bits} bits")
-    if model.config.quantization and mx.default_device().type == mx.DeviceType.cpu:
-        _float32_scales(model)
+    if model.config.quantization:
+        float32_scales(model)
     model.eval()
     return model
-
-
-def _float32_scales(model: Model) -> None:
-    """MLX's CPU quantized matmul accumulates bfloat16 inputs in bfloat16
-    (measured: 20% error at K = 10240; Metal accumulates in float32). On the
-    CPU, quantized layers get float32 scales and biases, so they compute in
-    float32 like the Metal kernels accumulate."""
-    model.update(tree_map_with_path(
-        lambda p, v: v.astype(mx.float32) if p.endswith((".scales", ".biases")) else v, model.parameters()))

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..bundle import COMPONENTS, Bundle, open_bundle
+from ..branch.experts import KINDS
+from ..bundle import COMPONENTS, Bundle, check_expert_fits, open_bundle
 from ..errors import OmnimatteError
 from ..io.grid import plan_grid
 from ..io.inputs import ClipSpec, read_clip, resolve_clip
 from ..io.video import IMAGE_EXTENSIONS, probe_video, read_video
 from ..memory import machine_memory
+from ..weights import read_config
 from ..progress import Progress, Report
 from .omnimatte import Layers, run_decompose
 from .optimize import FIT_MODES, OptimizeSettings, fit_plate
@@ -46,6 +48,7 @@ class Request:
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     plate: Path | None = None  # clean-plate mode: the background, given
     fit: str | None = None  # how a plate of another size or length is fitted
+    expert_dirs: dict = field(default_factory=dict)  # kind -> expert directory, over the bundle's
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -86,7 +89,7 @@ def choose_mode(request: Request, method: str | None) -> Mode:
         raise OmnimatteError("decompose: give --bundle (a converted model bundle) or --clean-plate PLATE")
     if method not in (None, *METHODS):
         raise OmnimatteError(f"--method {method}: unknown (one of {', '.join(METHODS)})")
-    have = open_bundle(request.bundle, ("transformer",)).experts
+    have = {**open_bundle(request.bundle, ("transformer",)).experts, **request.expert_dirs}
     need = experts_needed(Mode.DECOMPOSE, request.settings.tau)
     if method == "experts" and not all(k in have for k in need):
         missing = ", ".join(k for k in need if k not in have)
@@ -123,6 +126,20 @@ def read_plate(path: Path, spec: ClipSpec) -> np.ndarray:
     return read_video(path, fps=spec.info.fps, max_frames=spec.info.frames)[0]
 
 
+def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
+    """The bundle with some experts replaced by other expert directories
+    (`decompose --expert quality=DIR`, e.g. one just trained)."""
+    if not expert_dirs:
+        return bundle
+    for kind, path in expert_dirs.items():
+        if kind not in KINDS:
+            raise OmnimatteError(f"--expert {kind}={path}: unknown kind (one of {', '.join(KINDS)})")
+        if not Path(path).is_dir():
+            raise OmnimatteError(f"--expert {kind}={path}: not an expert directory")
+    experts = {**bundle.manifest.get("experts", {}), **{k: str(Path(p).resolve()) for k, p in expert_dirs.items()}}
+    return Bundle(bundle.root, {**bundle.manifest, "experts": experts})
+
+
 def prepare(request: Request) -> Prepared:
     """Every check that needs no weights (bundle, experts' fit, plate), and the plan."""
     s, info = request.settings, request.clip.info
@@ -130,7 +147,10 @@ def prepare(request: Request) -> Prepared:
         check_plate(request.plate, request.clip, request.fit)
         grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=1)
         return Prepared(request, None, PlatePlan(request.clip, grid.size, request.optimize), machine_memory())
-    b = open_bundle(request.bundle, COMPONENTS, request.experts)
+    b = with_experts(open_bundle(request.bundle, COMPONENTS), request.expert_dirs)
+    transformer = read_config(b.path("transformer"))
+    for kind in request.experts:
+        check_expert_fits(b.expert(kind), transformer)
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
     return Prepared(request, b, plan_run(request.mode, grid, request.clip.num_objects, b, s), machine_memory())
 
@@ -161,15 +181,18 @@ def remove(video, masks=None, *, bundle, caption=None, frames=None, objects: str
 
 
 def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, method: str | None = None,
-              clean_plate=None, fit: str | None = None, iterations: int | None = None,
-              batch_frames: int | None = None, progress: bool = False, **settings) -> dict[str, Layers]:
+              experts: dict | None = None, clean_plate=None, fit: str | None = None,
+              iterations: int | None = None, batch_frames: int | None = None, lr: float | None = None,
+              progress: bool = False, **settings) -> dict[str, Layers]:
     """object name -> Layers(alpha, foreground, background), on the source grid.
     `method`: "experts" or "optimize" (default: experts when the bundle has
-    them); `clean_plate`: a background video or image, then no bundle is needed."""
-    opt = OptimizeSettings(**{k: v for k, v in (("iterations", iterations), ("batch_frames", batch_frames))
-                              if v is not None})
+    them); `experts`: {kind: expert directory} over the bundle's;
+    `clean_plate`: a background video or image, then no bundle is needed."""
+    opt = OptimizeSettings(**{k: v for k, v in (("batch_frames", batch_frames), ("lr", lr)) if v is not None})
+    opt = opt.scaled(iterations) if iterations is not None else opt  # the schedule scales with the run
     request = Request(Mode.DECOMPOSE, resolve_clip(video, masks or (), caption, frames),
                       Path(bundle) if bundle is not None else None, settings_from(**settings), optimize=opt,
-                      plate=Path(clean_plate) if clean_plate is not None else None, fit=fit)
+                      plate=Path(clean_plate) if clean_plate is not None else None, fit=fit,
+                      expert_dirs={k: Path(v) for k, v in (experts or {}).items()})
     request.mode = choose_mode(request, method)
     return execute(prepare(request), Progress(enabled=progress))

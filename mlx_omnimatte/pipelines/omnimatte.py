@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..branch.experts import Expert, resolve_tau, route, select
+from ..branch.experts import KINDS, Expert, resolve_tau, route, select
 from ..branch.forward import branch_forward, check_experts
 from ..bundle import Bundle
 from ..compositing import solve_foreground
@@ -101,7 +101,7 @@ def load_experts(bundle: Bundle, kinds, report: Report = None) -> dict:
 
 
 def run_decompose(clip: Clip, bundle: Bundle, settings: Settings, report: Report = None,
-                  objects: list[int] | None = None, kinds=("effect", "quality")) -> dict[str, Layers]:
+                  objects: list[int] | None = None, kinds=KINDS) -> dict[str, Layers]:
     """object name -> Layers on the source grid; `kinds`: the experts to load."""
     objects = list(range(len(clip.names))) if objects is None else objects
     dual = DualExpert.of(load_experts(bundle, kinds, report), settings.tau)

@@ -88,8 +88,8 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     tokens = halves * window_frames * (lat_h // 2) * (lat_w // 2)
     dtype_bytes = 4 if settings.dtype == "float32" else 2
     dit_weights = bundle.weight_bytes("transformer")
-    if settings.dtype == "float32" and cfg.get("dtype") != "float32":
-        dit_weights *= 2
+    if settings.dtype == "float32" and cfg.get("dtype") != "float32" and not cfg.get("quantization"):
+        dit_weights *= 2  # cast up at load (packed quantized weights stay as they are)
     pixels = grid.width * grid.height
     vae_cfg = read_config(bundle.path("vae"))
     vae_weights = bundle.weight_bytes("vae")

@@ -1,0 +1,132 @@
+"""Seconds per optimization iteration (U-Net forward + backward + AdamW at
+one window of frames) for MLX and for the same network, losses and optimizer
+in torch, on this machine; their ratio; and an estimate for an M-series GPU.
+
+    python parity/bench_optimize.py                      # 384x672, batch 16 (minutes per iteration on CPU)
+    python parity/bench_optimize.py --size 160x96 --batch 4 --iters 3
+    python parity/bench_optimize.py --quality 60,120 --size 128x96 --batch 4   # decomposition figures
+
+``--quality N,M,...``: on a synthetic clip (16 frames, a 50%-opacity shadow)
+with its true clean plate, run the clean-plate optimization for each
+iteration count (short-run schedule: lr 1e-3, BatchNorm started at scale 1,
+mask supervision and the first lr drop at 30% of the run, the second at 60%)
+and print IoU, alpha MAE on the object and on the shadow, recomposition
+PSNR / SSIM and the seconds taken.
+
+The estimate counts the network's multiply-adds (forward; backward is about
+twice the forward) and divides by a sustained fp32 convolution throughput
+assumed for the GPU (``--gpu-tflops``, default 4: about 30% of an M2/M3 Max's
+~14 TFLOPS peak, what convolution-heavy MLX training typically sustains)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mlx_omnimatte.pipelines import optimize as opt  # noqa: E402
+
+
+def conv_macs(h: int, w: int, nf: int = 32, cin: int = 6) -> int:
+    """Multiply-adds of one U-Net forward on one h x w frame."""
+    k = 16
+    enc = [(cin, nf, 2), (nf, 2 * nf, 4), (2 * nf, 4 * nf, 8), (4 * nf, 4 * nf, 16), (4 * nf, 4 * nf, 32),
+           (4 * nf, 4 * nf, 32), (4 * nf, 4 * nf, 32)]
+    dec = [(8 * nf, 4 * nf, 16), (8 * nf, 4 * nf, 8), (8 * nf, 2 * nf, 4), (4 * nf, nf, 2), (2 * nf, nf, 1)]
+    macs = sum(k * i * o * (h // s) * (w // s) for i, o, s in enc)
+    # a transposed conv: every input pixel meets all 16 taps
+    macs += sum(k * i * o * (h // s) * (w // s) // 4 for i, o, s in dec)
+    return macs + k * nf * 4 * h * w
+
+
+def mlx_seconds(h, w, batch, iters) -> float:
+    s = opt.OptimizeSettings(batch_frames=batch)
+    nets = opt.build_nets(1, s)
+    adam = optim.AdamW(learning_rate=s.lr, betas=list(s.betas), weight_decay=s.weight_decay, bias_correction=True)
+    nets.train()
+    step = opt.make_step(nets, adam, (h, w), s)
+    rng = np.random.default_rng(0)
+    v, bg = (mx.array(rng.random((batch, h, w, 3)).astype(np.float32)) for _ in range(2))
+    m = mx.array((rng.random((1, batch, h, w, 1)) > 0.8).astype(np.float32))
+    args = (v, bg, m, mx.array([0.2]), opt.step_weights(s, 0))
+    mx.eval(step(*args), nets.state)  # compile + warm-up
+    start = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(step(*args), nets.state, adam.state)
+    return (time.perf_counter() - start) / iters
+
+
+def torch_seconds(h, w, batch, iters) -> float:
+    import torch
+
+    from unet_reference import TorchUNet, reference_step
+
+    model = TorchUNet()
+    topt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(0)
+    v, bg = torch.rand(batch, 3, h, w, generator=g), torch.rand(batch, 3, h, w, generator=g)
+    m = (torch.rand(batch, 1, h, w, generator=g) > 0.8).float()
+    reference_step(model, topt, v, bg, m, 0.2)
+    start = time.perf_counter()
+    for _ in range(iters):
+        reference_step(model, topt, v, bg, m, 0.2)
+    return (time.perf_counter() - start) / iters
+
+
+def quality(w: int, h: int, batch: int, counts: list[int], seed: int = 3, frames: int = 16) -> None:
+    from mlx_omnimatte import metrics
+    from mlx_omnimatte.compositing import recompose
+    from mlx_omnimatte.io.masks import dilate_mask
+    from mlx_omnimatte.synth import make_clip
+
+    clip = make_clip(seed, frames=frames, size=(w, h), shadow_opacity=0.5)
+    obj = clip.object_alpha[0] > 0.5
+    shadow = (clip.effect[0] > 0.05) & ~dilate_mask(obj, 5)
+    truth = clip.alpha[0]
+    for n in counts:
+        s = opt.OptimizeSettings(iterations=n, batch_frames=batch, lr=1e-3, mask_steps=round(0.3 * n),
+                                 milestones=(round(0.3 * n), round(0.6 * n)), norm_identity=True)
+        start = time.perf_counter()
+        [(alpha, fg)] = opt.run_clean_plate(clip.video, clip.masks, clip.background, s)
+        sec = time.perf_counter() - start
+        rec = recompose(alpha, fg, clip.background)
+        print(f"{w}x{h} x{frames}, batch {batch}, {n} iterations, {sec:.0f} s: IoU {metrics.iou(alpha, truth):.3f}, "
+              f"object MAE {metrics.alpha_errors(alpha, truth, obj)['mae']:.4f}, "
+              f"shadow MAE {metrics.alpha_errors(alpha, truth, shadow)['mae']:.4f} "
+              f"(truth {truth[shadow].mean():.3f}, predicted {alpha[shadow].mean():.3f}), "
+              f"recomposition {metrics.psnr(rec, clip.video):.2f} dB / SSIM {metrics.ssim(rec, clip.video):.4f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="672x384", help="width x height (multiples of 32)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--gpu-tflops", type=float, default=4.0)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--quality", default=None, help="iteration counts, e.g. 60,120: decomposition figures")
+    a = ap.parse_args()
+    w, h = (int(x) for x in a.size.lower().split("x"))
+    if a.quality:
+        return quality(w, h, a.batch, [int(n) for n in a.quality.split(",")])
+    t_mlx = mlx_seconds(h, w, a.batch, a.iters)
+    print(f"{w}x{h}, batch {a.batch}: MLX {t_mlx:.3f} s/iteration ({1 / t_mlx:.2f} it/s)")
+    if not a.no_torch:
+        t_torch = torch_seconds(h, w, a.batch, a.iters)
+        print(f"{w}x{h}, batch {a.batch}: torch {t_torch:.3f} s/iteration ({1 / t_torch:.2f} it/s)")
+        print(f"MLX / torch time ratio: {t_mlx / t_torch:.2f}")
+    flops = 2 * 3 * conv_macs(h, w) * a.batch  # forward + backward (~2x forward), 2 flops per MAC
+    t_gpu = flops / (a.gpu_tflops * 1e12)
+    print(f"network: {flops / 1e9:.1f} GFLOP per iteration (forward + backward, {a.batch} frames)")
+    print(f"M-series estimate at {a.gpu_tflops:g} TFLOPS sustained fp32: {t_gpu:.3f} s/iteration "
+          f"({1 / t_gpu:.1f} it/s; 6000 iterations in {6000 * t_gpu / 60:.1f} min per layer)")
+
+
+if __name__ == "__main__":
+    main()
