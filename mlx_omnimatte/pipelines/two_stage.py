@@ -21,9 +21,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..compositing import solve_foreground
-from ..io.grid import from_model_grid, plan_grid, resize_frames
+from ..io.grid import from_model_grid, plan_grid, resize_frames, resize_masks
 from ..io.inputs import Clip
-from ..io.masks import prepare_mask
+from ..io.masks import binarize_mask
 from ..progress import Report
 from .omnimatte import Layers
 from .optimize import OptimizeSettings, fit_plate, optimize_layer, run_clean_plate
@@ -48,9 +48,11 @@ def _working(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _object_masks(clip: Clip, size: tuple[int, int]) -> list[np.ndarray]:
-    """The region each layer must cover, as in the reference (its trimask >
-    0.75): the object mask binarized and dilated on the working grid."""
-    return [prepare_mask(m, size) for m in clip.masks]
+    """Each object's mask, area-resized to the working grid and binarized.
+    Not dilated: the optimization erodes it by its own `erode` pixels, and an
+    11-pixel dilation (the Casper conditioning's) swallows the effects on a
+    small working grid."""
+    return [binarize_mask(resize_masks(m, size, "area")) for m in clip.masks]
 
 
 def _to_layers(clip: Clip, plan, alphas: list[np.ndarray], background: np.ndarray) -> dict[str, Layers]:
