@@ -66,9 +66,30 @@ def open_bundle(path, need=COMPONENTS, experts=()) -> Bundle:
             raise OmnimatteError(f"{sub}: holds a {config['component']}, the bundle lists it as {component}")
         if not any(sub.glob("*.safetensors")):
             raise OmnimatteError(f"{sub}: no weights (.safetensors) in the {component} component")
+        for f in sorted(sub.glob("*.safetensors")):
+            weight_header(f)
     for kind in experts:
         check_expert_fits(bundle.expert(kind), read_config(bundle.path("transformer")))
     return bundle
+
+
+def weight_header(path: Path) -> dict:
+    """The tensor table of a safetensors file, checked against the file's size
+    (a truncated download or copy is caught here, before any weight loads)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 + n:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise OmnimatteError(f"{path}: not a readable safetensors file (truncated or damaged)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise OmnimatteError(f"{path}: {size} bytes, but its header describes {8 + n + max(ends, default=0)}: "
+                             "the file is truncated or damaged (convert or copy it again)")
+    return header
 
 
 def check_expert_fits(expert_dir: Path, transformer: dict) -> None:
@@ -79,6 +100,11 @@ def check_expert_fits(expert_dir: Path, transformer: dict) -> None:
     if config.get("dim") != transformer.get("dim"):
         raise OmnimatteError(f"{expert_dir}: expert for model width {config.get('dim')}, "
                              f"the bundle's transformer has width {transformer.get('dim')}")
+    ranks = {v["shape"][0] for f in sorted(Path(expert_dir).glob("*.safetensors"))
+             for k, v in weight_header(f).items() if k.endswith(".lora_a")}
+    if ranks and ranks != {config.get("rank")}:
+        raise OmnimatteError(f"{expert_dir}: config.json says rank {config.get('rank')}, "
+                             f"its LoRA tensors have rank {', '.join(map(str, sorted(ranks)))}")
     blocks = config.get("blocks") or []
     if blocks and max(blocks) >= transformer.get("num_layers", 0):
         raise OmnimatteError(f"{expert_dir}: LoRA on block {max(blocks)}, "

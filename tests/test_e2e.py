@@ -406,3 +406,31 @@ def test_nan_in_latents_stops_with_step_and_precision(models, tmp_path, capsys):
     code, _, err = run(["remove", video, "--mask", mask, "--bundle", bad, "-o", out, "--steps", "2",
                         "--size", "64x32", "--quiet"], capsys)
     assert "bfloat16" in err
+
+
+def test_truncated_weights_and_wrong_rank_refused_before_any_weight(models, tmp_path, capsys, monkeypatch):
+    from mlx_omnimatte.pipelines import omnimatte, stages
+
+    _, bundle = models
+    loads = []
+    for module in (stages, omnimatte):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a))
+    video, mask = synthetic_clip(tmp_path / "c")
+    cut = tmp_path / "cut"
+    shutil.copytree(bundle, cut)
+    f = cut / "transformer" / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    out = tmp_path / "out"
+    for extra in ([], ["--dry-run"]):
+        assert_refused(["remove", video, "--mask", mask, "--bundle", cut, "-o", out, *extra], capsys,
+                       "the file is truncated or damaged", out)
+    ranked = tmp_path / "ranked"
+    shutil.copytree(bundle, ranked)
+    cfg_file = ranked / "experts" / "effect" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["rank"] = cfg["rank"] * 2
+    cfg_file.write_text(json.dumps(cfg))
+    assert_refused(["decompose", video, "--mask", mask, "--bundle", ranked, "-o", out, "--dry-run"], capsys,
+                   f"config.json says rank {cfg['rank']}, its LoRA tensors have rank {cfg['rank'] // 2}", out)
+    assert loads == []
