@@ -15,7 +15,6 @@ from mlx_omnimatte.io.masks import (
     load_mask,
     prepare_mask,
     read_mask,
-    solo_trimasks,
 )
 from mlx_omnimatte.io.video import VideoInfo, probe_video
 from mlx_omnimatte.io.writers import write_video
@@ -169,7 +168,9 @@ def test_trimask_values_and_overlap():
     assert first[0, 0, 0] == 1 and first[0, 4, 4] == 0 and first[0, 2, 2] == 1  # removal wins
     assert first[0, 5, 0] == pytest.approx(NEUTRAL)
     assert build_trimask([a, b], remove=[1])[0, 0, 0] == 0 and build_trimask([a, b], remove=[1])[0, 4, 4] == 1
-    solo = solo_trimasks([a, b])[0]  # keep a, remove b
+    from mlx_omnimatte.pipelines.two_stage import solo_targets
+
+    solo = build_trimask([a, b], solo_targets(["a", "b"])[1].remove)  # keep a, remove b
     assert solo[0, 0, 0] == 0 and solo[0, 4, 4] == 1
     assert set(np.unique(every).tolist()) == {np.float32(NEUTRAL), 1.0}
     with pytest.raises(OmnimatteError, match="object index 2 out of range"):

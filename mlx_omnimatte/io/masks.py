@@ -178,9 +178,3 @@ def build_trimask(
     for i in sorted(remove_ids):
         tri[np.asarray(masks[i], dtype=bool)] = 1.0
     return tri
-
-
-def solo_trimasks(masks: Sequence[np.ndarray], neutral: float = NEUTRAL) -> list[np.ndarray]:
-    """The reference's "solo" runs: object i kept, all others removed."""
-    n = len(masks)
-    return [build_trimask(masks, [j for j in range(n) if j != i], neutral) for i in range(n)]

@@ -2,7 +2,7 @@
 
 Targets: "all" (every object removed) and, per object, that object removed
 with the others kept. (The reference's "solo" runs are the converse -- keep
-one object, remove the rest; `io.masks.solo_trimasks` builds those.)
+one object, remove the rest; `two_stage.solo_targets` builds those.)
 """
 
 from __future__ import annotations
