@@ -21,6 +21,7 @@ from mlx_omnimatte.convert.bundle import (
 )
 from mlx_omnimatte.convert.core import SPEC_MODULES, convert as run_convert, detect
 from mlx_omnimatte.convert.merge import convert_transformer, parse_lora_arg
+from mlx_omnimatte.convert.prechecks import check_bundle_inputs
 from mlx_omnimatte.convert.quantize import GROUP_SIZES
 from mlx_omnimatte.convert.readers import read_checkpoint
 from mlx_omnimatte.convert.writer import write_converted
@@ -43,10 +44,13 @@ def _bundle(src: str, out: Path, options: dict, overwrite: bool) -> None:
     if options["loras"]:
         raise OmnimatteError("--lora merges into a single transformer checkpoint; "
                              "for a bundle use --transformer-lora FILE[:SCALE]")
-    plan = BundlePlan(resolve_source(src), options["transformer"],
-                      [parse_lora_arg(v) for v in options["transformer_loras"]],
-                      _expert_pairs(options["experts"]), options["dtype"],
-                      bundle_quantize(parse_quantize(options["quantize"])), options["group_size"])
+    loras = [parse_lora_arg(v) for v in options["transformer_loras"]]
+    experts = _expert_pairs(options["experts"])
+    quantize = bundle_quantize(parse_quantize(options["quantize"]))
+    # the user's own files first: a hub id may mean tens of GB to download
+    check_bundle_inputs(src, options["transformer"], loras, experts)
+    plan = BundlePlan(resolve_source(src), options["transformer"], loras, experts, options["dtype"],
+                      quantize, options["group_size"])
     build_bundle(plan, out, overwrite, log=click.echo)
     click.echo(f"bundle -> {out}")
 
@@ -135,6 +139,10 @@ def convert(src, out, overwrite, **options):
       mlx-omnimatte convert dit.safetensors --lora style.safetensors:0.8 --quantize 4 -o models/dit-4bit
       mlx-omnimatte convert effect_lora.safetensors -o models/effect --component expert --expert-kind effect
       mlx-omnimatte convert models_t5_umt5-xxl-enc-bf16.pth -o models/t5-8bit --quantize 8
+
+    With a model folder or hub id, the files given with --transformer,
+    --transformer-lora and --expert are checked first (readable, the right
+    component, the base model's width), before anything is downloaded.
 
     The text encoder's tokenizer is taken from google/umt5-xxl/ beside the
     checkpoint (or $MLX_OMNIMATTE_T5_TOKENIZER) and copied into OUT/tokenizer/.

@@ -20,7 +20,7 @@ COMMANDS = {
     "convert": "mlx_omnimatte.cli.convert:convert",
     "remove": "mlx_omnimatte.cli.run:remove",
     "decompose": "mlx_omnimatte.cli.run:decompose",
-    "composite": "mlx_omnimatte.cli.run:composite",
+    "composite": "mlx_omnimatte.cli.composite:composite",
     "encode-prompts": "mlx_omnimatte.cli.prompts:encode_prompts_cmd",
     "synth": "mlx_omnimatte.cli.synth:synth",
     "evaluate": "mlx_omnimatte.cli.evaluate:evaluate_cmd",

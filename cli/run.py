@@ -1,21 +1,19 @@
-"""`mlx-omnimatte remove`, `decompose` and `composite`."""
+"""`mlx-omnimatte remove` and `decompose`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mlx_omnimatte.errors import OmnimatteError
-from mlx_omnimatte.io.compose import composite as put_over
+from mlx_omnimatte.io.compose import FIT_MODES
 from mlx_omnimatte.io.inputs import resolve_clip
-from mlx_omnimatte.io.video import read_rgba, read_video
-from mlx_omnimatte.io.writers import check_output, write_video
+from mlx_omnimatte.io.writers import check_output, check_space
 from mlx_omnimatte.pipelines.api import METHODS, REMOVE_TARGETS, Request, choose_mode, execute, prepare
-from mlx_omnimatte.pipelines.optimize import FIT_MODES, OptimizeSettings
+from mlx_omnimatte.pipelines.optimize import OptimizeSettings
 from mlx_omnimatte.pipelines.outputs import listing, write_decomposition, write_removal
+from mlx_omnimatte.pipelines.plan import Outputs
 from mlx_omnimatte.pipelines.settings import Mode, settings_from
 from mlx_omnimatte.progress import Progress
 
@@ -71,6 +69,7 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     check_output(out, overwrite)
     _refuse_overwriting_inputs(out, [request.clip.source, request.clip.video, *request.clip.masks])
     prepared = prepare(request)
+    check_space(out, prepared.plan.disk)
     spec = request.clip
     if not quiet:
         if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
@@ -108,6 +107,7 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
     if bundle is None:
         raise OmnimatteError("remove: give --bundle (a converted model bundle with the Casper transformer)")
     request = _request(Mode.REMOVE, input, masks, caption, bundle, frames, objects, **settings)
+    request.outputs = Outputs(background=bg_format)
 
     def write(backgrounds, progress):
         write_removal(out, request.clip, backgrounds, bg_format, overwrite, report=progress)
@@ -160,10 +160,11 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
     request.plate, request.fit = plate, fit
     request.expert_dirs = dict(_kind_dir(a) for a in expert_args)
     request.mode = choose_mode(request, method)
+    request.outputs = Outputs(tuple(formats) or ("png",), bg_format, not no_preview)
 
     def write(layers, progress):
-        write_decomposition(out, request.clip, layers, formats or ("png",), bg_format, not no_preview, overwrite,
-                            report=progress)
+        o = request.outputs
+        write_decomposition(out, request.clip, layers, o.formats, o.background, o.preview, overwrite, report=progress)
 
     _execute(request, out, dry_run, overwrite, quiet, write)
 
@@ -173,37 +174,3 @@ def _kind_dir(arg: str) -> tuple[str, Path]:
     if not sep or not path:
         raise OmnimatteError(f"--expert {arg}: expected KIND=DIR, e.g. quality=experts/quality")
     return kind, Path(path)
-
-
-def _read_background(path: Path) -> np.ndarray:
-    if path.is_file() and path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-        try:
-            return np.asarray(Image.open(path).convert("RGB"))
-        except (OSError, UnidentifiedImageError):
-            raise OmnimatteError(f"{path}: not a readable image") from None
-    return read_video(path)[0]
-
-
-@click.command()
-@click.argument("layers", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--background", "background", type=click.Path(path_type=Path), required=True,
-              help="New background: an image or a video.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output video (.mp4).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def composite(layers, background, out, overwrite):
-    """Put foreground layers (RGBA PNG folders, .mov or .webm; back to front)
-    over a new background image or video, at the layers' fps.
-
-    \b
-    Example:
-      mlx-omnimatte composite out/beach/object_00/layer out/beach/object_01/layer \\
-          --background sunset.jpg -o out/sunset.mp4
-    """
-    check_output(out, overwrite)
-    pairs, fps = [], None
-    for path in layers:
-        frames, info = read_rgba(path)
-        fps = fps or info.fps
-        pairs.append((frames[..., 3], frames[..., :3]))
-    write_video(out, put_over(pairs, _read_background(background)), fps, overwrite)
-    click.echo(f"wrote {out}")

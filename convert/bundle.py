@@ -14,6 +14,7 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.writers import atomic_output
 
 from .core import convert, detect
+from .hub import download_snapshot
 from .merge import convert_transformer
 from .quantize import check_quantize
 from .readers import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, read_checkpoint
@@ -50,13 +51,7 @@ def resolve_source(src: str) -> Path:
     if path.exists():
         return path
     if is_hub_id(src):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
-        except Exception as e:  # network, auth, missing repo: one line for the user
-            reason = " ".join(str(e).split())  # one line, whatever the hub client says
-            raise OmnimatteError(f"{src}: download from the hub failed ({type(e).__name__}: {reason})") from None
+        return download_snapshot(src, HUB_PATTERNS)
     raise OmnimatteError(f"{src}: no such file or directory")
 
 

@@ -199,6 +199,13 @@ def _shapes(ckpt: Checkpoint, modules: dict, dim: int | None) -> tuple[dict, int
     return ranks, dim
 
 
+def expert_width(ckpt: Checkpoint, fmt: str) -> int:
+    """The model width a LoRA file is for, every module and pair checked
+    (for checks before the base model is at hand)."""
+    modules, _, _ = _plan(ckpt, fmt)
+    return _shapes(ckpt, modules, None)[1]
+
+
 def _blocks_and_kind(s: dict, blocks: list[int], dim: int, src) -> tuple[int, str, int | None]:
     num_layers = s.get("num_layers") or LAYERS_BY_DIM.get(dim) or blocks[-1] + 1
     if blocks[-1] >= num_layers:

@@ -107,7 +107,7 @@ def _unmatched(ckpt: Checkpoint, key: str, module: str, num_layers: int) -> Omni
                           "(a LoRA for another model?)")
 
 
-def _open_lora(path: Path) -> tuple[Checkpoint, str]:
+def open_lora(path: Path) -> tuple[Checkpoint, str]:
     ckpt = read_checkpoint(path)
     fmt = lf.detect(ckpt)
     if fmt is None:
@@ -120,7 +120,7 @@ def _open_lora(path: Path) -> tuple[Checkpoint, str]:
 
 
 def _add_lora(merge: Merge, path: Path, scale: float, linears: dict, num_layers: int) -> None:
-    ckpt, fmt = _open_lora(path)
+    ckpt, fmt = open_lora(path)
     modules = lf.group(ckpt, fmt)
     ranks, targets = {}, {}
     underscored = {p.replace(".", "_"): p for p in linears}

@@ -69,6 +69,24 @@ def solve_foreground(
     return fg
 
 
+def least_alpha(video: np.ndarray, background: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """The smallest alpha with which some colour in [0, 1] over ``background``
+    gives ``video``: per channel ``(bg - I) / bg`` where the pixel darkened and
+    ``(I - bg) / (1 - bg)`` where it brightened, the largest over channels.
+    A shadow that darkens by a factor ``s`` gets exactly ``s`` (its colour is
+    black). Pixels whose largest channel change is at most ``floor`` get 0
+    (sensor and compression noise). [..., 3] -> [...] float32."""
+    i, bg = as_float(video), as_float(background)
+    if i.shape != bg.shape:
+        raise OmnimatteError(f"least_alpha: shapes differ (video {i.shape}, background {bg.shape})")
+    d = i - bg
+    room = np.where(d < 0, bg, 1.0 - bg)  # how far the pixel could move that way
+    a = np.abs(d) / np.maximum(room, np.float32(EPS))
+    a = np.clip(a, 0.0, 1.0).max(axis=-1)
+    a *= np.abs(d).max(axis=-1) > floor
+    return a.astype(np.float32)
+
+
 def recompose(alpha: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
     """``a * fg + (1 - a) * bg`` in float32."""
     a = alpha_channel(alpha)

@@ -102,11 +102,16 @@ def alpha_errors(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None 
     return {"mae": float(np.abs(d).mean()), "mse": float((d * d).mean()), "pixels": int(d.size)}
 
 
-def iou(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+def iou(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5, ignore: np.ndarray | None = None) -> float:
     """Intersection over union of ``alpha >= threshold`` over the whole
-    video; 1.0 when both are empty."""
+    video, leaving out the pixels of ``ignore`` (bool, same shape); 1.0 when
+    both are empty."""
     p, t = _frames(pred) >= threshold, _frames(truth) >= threshold
     _check(p, t, "iou")
+    if ignore is not None:
+        ignore = np.asarray(ignore, dtype=bool)
+        _check(p, ignore, "iou ignore")
+        p, t = p & ~ignore, t & ~ignore
     union = np.logical_or(p, t).sum()
     return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
 

@@ -216,6 +216,13 @@ def _encode_missing(t5_dir: Path, texts: list[str], quantize, batch_size: int, r
     return out_of
 
 
+def prompt_cached(t5_dir, prompt: str, cache_dir=None, quantize: int | None = None) -> bool:
+    """Whether `prompt`'s embedding is in the cache (the planner then leaves
+    the text encoder out)."""
+    text = clean_prompt(check_prompts([prompt])[0])
+    return _cache_file(cache_root(cache_dir), encoder_fingerprint(t5_dir, quantize), text).is_file()
+
+
 def encode_prompts(t5_dir, prompts, cache_dir=None, *, quantize: int | None = None, batch_size: int = 4,
                    report: Report = None, stats: dict | None = None) -> list[mx.array]:
     """Embeddings [512, d_model] (float32, zero past each prompt's tokens) of

@@ -106,13 +106,14 @@ def test_disk_full_while_writing_is_one_line(synth_clip, tmp_path, capsys, monke
 
     import mlx_omnimatte.io.writers as writers
 
-    real = writers.write_png_frames
+    real = writers.PngSink.add
 
-    def full(folder, frames, *a, **k):
-        real(folder, list(frames)[:1], *a, **k)  # some frames land in the hidden folder first
-        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+    def full(self, frame):
+        if self.count == 1:  # one frame is in the hidden folder already
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real(self, frame)
 
-    monkeypatch.setattr(writers, "write_png_frames", full)
+    monkeypatch.setattr(writers.PngSink, "add", full)
     out = tmp_path / "out"
     args = ["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
             "--iterations", "1", "--batch-frames", "4", "--quiet"]

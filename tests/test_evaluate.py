@@ -1,5 +1,4 @@
 import json
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -8,6 +7,7 @@ from mlx_omnimatte.compositing import as_float
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
 from mlx_omnimatte.pipelines.evaluate import evaluate
+from mlx_omnimatte.pipelines.omnimatte import Layers
 from mlx_omnimatte.pipelines.outputs import write_decomposition
 from mlx_omnimatte.synth import make_clip, write_clip
 
@@ -19,8 +19,7 @@ def _layers(clip, damage=None):
         alpha = clip.alpha[k].copy()
         if damage is not None:
             alpha = damage(alpha, clip, k)
-        out[f"{k:02d}"] = SimpleNamespace(alpha=alpha, foreground=as_float(clip.foreground[k]),
-                                          background=as_float(clip.background))
+        out[f"{k:02d}"] = Layers(alpha, as_float(clip.foreground[k]), as_float(clip.background))
     return out
 
 

@@ -50,6 +50,9 @@ def test_alpha_errors_on_a_region_and_iou():
     assert metrics.iou(pred, truth) == pytest.approx(1.0)  # 0.5 counts as inside
     pred[0, 0, 1] = 0.0
     assert metrics.iou(pred, truth) == pytest.approx(7 / 8)
+    ignore = np.zeros_like(region)
+    ignore[0, 0, 1] = True  # e.g. a shadow exactly at the threshold: measured by its MAE instead
+    assert metrics.iou(pred, truth, ignore=ignore) == pytest.approx(1.0)
     with pytest.raises(OmnimatteError):
         metrics.iou(pred, truth[:, :2])
 

@@ -262,3 +262,29 @@ def masks_to_model_grid(masks: np.ndarray, plan: GridPlan) -> np.ndarray:
 def from_model_grid(x: np.ndarray, plan: GridPlan, resample: str = "bicubic") -> np.ndarray:
     """Model-grid outputs -> source grid: trim to ``plan.src_frames``, resize back."""
     return resize_frames(trim_frames(x, plan.src_frames), plan.src_size, resample)
+
+
+@dataclass
+class GridVideo:
+    """A source-grid video kept as its model-grid frames (trimmed to the
+    source's frame count): a frame is resized back only when asked, so a run
+    never holds a whole video at source resolution. Frames already at the
+    source's size (a user's clean plate) come back as they are."""
+
+    frames: np.ndarray  # [T, h, w] or [T, h, w, C], uint8 or float32 in [0, 1]
+    src_size: tuple[int, int]  # (W, H)
+    resample: str = "bicubic"
+
+    @classmethod
+    def of(cls, x: np.ndarray, plan: GridPlan, resample: str = "bicubic") -> "GridVideo":
+        return cls(trim_frames(x, plan.src_frames), plan.src_size, resample)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def frame(self, t: int) -> np.ndarray:
+        return resize_frames(self.frames[t:t + 1], self.src_size, self.resample)[0]
+
+    def full(self) -> np.ndarray:
+        """The whole video on the source grid (the Python API's arrays)."""
+        return resize_frames(self.frames, self.src_size, self.resample)

@@ -12,6 +12,7 @@ The Generative Omnimatte example layout is one folder::
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import OmnimatteError
-from .masks import check_mask_matches, load_mask
-from .video import VideoInfo, natural_key, probe_video, read_video
+from ..progress import Report, stage
+from .grid import resize_frames, resize_masks
+from .masks import check_mask_counts, check_mask_matches, mask_counts
+from .video import VideoInfo, iter_frames, natural_key, probe_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_STEM = "input_video"
@@ -31,9 +34,11 @@ PROMPT_FILE = "prompt.json"
 
 @dataclass
 class Clip:
-    """frames uint8 ``[T, H, W, 3]``; masks: raw grayscale uint8 ``[T, H, W]``
-    per object, already checked against the video (binarize/dilate them on the
-    model grid with ``masks.prepare_mask``)."""
+    """A clip as a run holds it: ``frames`` uint8 ``[T, h, w, 3]`` and raw
+    grayscale ``masks`` uint8 ``[T, h, w]`` per object, on the grid they were
+    read at (the model grid for a run: the source is never held at its own
+    resolution), checked against the video; ``first_frame`` at the source's
+    resolution (the image encoder sees it); ``info`` describes the source."""
 
     frames: np.ndarray
     fps: float
@@ -43,6 +48,7 @@ class Clip:
     info: VideoInfo
     mask_infos: list[VideoInfo] = field(default_factory=list)
     source: Path | None = None
+    first_frame: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -50,7 +56,12 @@ class Clip:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height)."""
+        """The source's (width, height)."""
+        return self.info.size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(width, height) of ``frames``."""
         return (int(self.frames.shape[2]), int(self.frames.shape[1]))
 
 
@@ -177,16 +188,73 @@ def resolve_clip(input, masks: Sequence = (), caption: str | None = None, frames
     return ClipSpec(video, paths, names, caption, info, fps, input, how)
 
 
-def read_clip(spec: ClipSpec) -> Clip:
-    """Decode a resolved clip (its first ``spec.info.frames`` frames); every
-    mask is validated against the decoded video."""
-    frames, info = read_video(spec.video, fps=spec.fps, max_frames=spec.info.frames)
-    arrays, infos = [], []
-    for p in spec.masks:
-        m, mi = load_mask(p, info, max_frames=info.frames)
-        arrays.append(m)
-        infos.append(mi)
-    return Clip(frames, info.fps, arrays, list(spec.names), spec.caption, info, infos, spec.source)
+def _truncated(path: Path, decoded: int, declared: int) -> OmnimatteError:
+    return OmnimatteError(f"{path}: decoding stopped after {decoded} of the {declared} frames its container "
+                          f"declares: the file is damaged or truncated (re-export it, or pass --frames {decoded})")
+
+
+def read_frames(path: Path, count: int, size: tuple[int, int] | None, gray: bool = False,
+                tick=None, inspect=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``count`` frames, each area-resized to ``size`` (W, H; None:
+    as they are) as it arrives, into one uint8 array; returns (frames, the
+    first frame at the source's size). Gray frames are floored, so that a
+    threshold at an integer decides as on the float averages; a 0/1 frame of
+    a folder is scaled to 0/255 first. ``inspect`` sees each source frame."""
+    out, first, n = None, None, 0
+    for frame in itertools.islice(iter_frames(path, gray=gray), count):
+        if first is None:
+            first = frame
+            h, w = frame.shape[:2] if size is None else (size[1], size[0])
+            out = np.empty((count, h, w) + frame.shape[2:], dtype=np.uint8)
+        elif frame.shape != first.shape:
+            raise OmnimatteError(f"{path}: the frame size changes within the video (frame {n})")
+        if gray and path.is_dir() and frame.max() == 1:
+            frame = frame * np.uint8(255)
+        if inspect:
+            inspect(frame)
+        out[n] = _resized(frame, size, gray)
+        n += 1
+        if tick:
+            tick()
+    if first is None:
+        raise OmnimatteError(f"{path}: the video has no frames")
+    if n < count:
+        raise OmnimatteError(f"{path}: decoding stopped after {n} of the {count} frames its container declares: "
+                             f"the file is damaged or truncated (re-export it, or pass --frames {n})")
+    return out, first
+
+
+def _resized(frame: np.ndarray, size, gray: bool) -> np.ndarray:
+    if size is None or (frame.shape[1], frame.shape[0]) == tuple(size):
+        return frame
+    if gray:
+        return np.floor(resize_masks(frame[None], size, "area")[0]).astype(np.uint8)
+    return resize_frames(frame[None], size, "area")[0]
+
+
+def _read_mask(path: Path, count: int, size, tick) -> np.ndarray:
+    """One mask, streamed: checked binary and not empty on its source pixels."""
+    counts = np.zeros(3, dtype=np.int64)
+
+    def inspect(frame):
+        counts[:] += mask_counts(frame)
+
+    mask, _ = read_frames(path, count, size, gray=True, tick=tick, inspect=inspect)
+    check_mask_counts(counts, path)
+    return mask
+
+
+def read_clip(spec: ClipSpec, size: tuple[int, int] | None = None, report: Report = None) -> Clip:
+    """Decode a resolved clip (its first ``spec.info.frames`` frames) in one
+    streaming pass per file, each frame resized to ``size`` (W, H; None: keep
+    the source's) as it is decoded. The masks were matched against the video
+    from their headers (`resolve_clip`)."""
+    n = spec.info.frames
+    with stage(report, "read video", n * (1 + len(spec.masks))) as tick:
+        frames, first = read_frames(spec.video, n, size, tick=tick)
+        masks = [_read_mask(p, n, size, tick) for p in spec.masks]
+    infos = [replace(probe_video(p, spec.info.fps), frames=n) for p in spec.masks]
+    return Clip(frames, spec.info.fps, masks, list(spec.names), spec.caption, spec.info, infos, spec.source, first)
 
 
 def load_clip(video, masks: Sequence, caption: str | None = None, names: Sequence[str] | None = None,

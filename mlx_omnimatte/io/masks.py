@@ -64,6 +64,14 @@ def check_mask_matches(mask_info: VideoInfo, video_info: VideoInfo) -> None:
         )
 
 
+def mask_counts(mask: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:
+    """(white, mid-gray, all) pixel counts of a mask or of one of its frames:
+    summed over frames, they decide `check_mask_counts` while streaming."""
+    m = np.asarray(mask)
+    return np.array([np.count_nonzero(m >= threshold), np.count_nonzero((m > GRAY_LOW) & (m < threshold)), m.size],
+                    dtype=np.int64)
+
+
 def check_mask_content(
     mask: np.ndarray,
     path: str | Path,
@@ -71,14 +79,19 @@ def check_mask_content(
     max_gray_fraction: float = MAX_GRAY_FRACTION,
 ) -> None:
     """A mask must be binary, and neither empty nor white everywhere."""
-    white = int(np.count_nonzero(mask >= threshold))
+    check_mask_counts(mask_counts(mask, threshold), path, threshold, max_gray_fraction)
+
+
+def check_mask_counts(counts, path: str | Path, threshold: int = THRESHOLD,
+                      max_gray_fraction: float = MAX_GRAY_FRACTION) -> None:
+    white, gray_pixels, total = (int(c) for c in counts)
     if white == 0:
         raise OmnimatteError(
             f"{path}: mask is empty (no pixel >= {threshold} in any frame); white marks the object"
         )
-    if white == mask.size:
+    if white == total:
         raise OmnimatteError(f"{path}: mask is white everywhere; it must mark only the object")
-    gray = np.count_nonzero((mask > GRAY_LOW) & (mask < threshold)) / mask.size
+    gray = gray_pixels / total
     if gray > max_gray_fraction:
         raise OmnimatteError(
             f"{path}: mask is not binary ({gray:.1%} of pixels are between {GRAY_LOW} and "

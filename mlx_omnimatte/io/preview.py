@@ -30,6 +30,22 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def preview_frame(source: np.ndarray, layers: Sequence[tuple], size: tuple[int, int]) -> np.ndarray:
+    """One uint8 preview frame ``[rows * h, 4 * w, 3]`` from the source frame
+    and, per object, (alpha, foreground, background) of that frame."""
+
+    def small(x: np.ndarray) -> np.ndarray:
+        return resize_frames(to_uint8(x)[None], size, "bilinear")[0]
+
+    src = small(source)
+    rows = []
+    for a, fg, bg in layers:
+        matte = np.repeat(to_uint8(alpha_channel(a)), 3, axis=-1)
+        checker = over_checkerboard(a, as_float(fg))
+        rows.append(np.concatenate([src, small(matte), small(checker), small(bg)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 def preview_frames(
     video: np.ndarray,
     alphas: Sequence[np.ndarray] | np.ndarray,
@@ -37,11 +53,9 @@ def preview_frames(
     backgrounds: Sequence[np.ndarray] | np.ndarray,
     max_width: int = MAX_WIDTH,
 ) -> Iterator[np.ndarray]:
-    """Yield uint8 preview frames ``[rows * h, 4 * w, 3]``.
-
-    ``alphas``/``foregrounds``: one array per object (or a single array);
-    ``backgrounds``: one per object or a single shared one.
-    """
+    """Yield the preview frames of whole videos; ``alphas``/``foregrounds``:
+    one array per object (or a single array); ``backgrounds``: one per
+    object or a single shared one."""
     alphas, fgs, bgs = _as_list(alphas), _as_list(foregrounds), _as_list(backgrounds)
     if len(alphas) != len(fgs) or len(bgs) not in (1, len(alphas)):
         raise OmnimatteError(
@@ -50,18 +64,8 @@ def preview_frames(
     t, h, w = np.shape(video)[:3]
     size = panel_size(w, h, max_width)
     for i in range(t):
-
-        def small(x: np.ndarray) -> np.ndarray:
-            return resize_frames(to_uint8(x)[None], size, "bilinear")[0]
-
-        src = small(video[i])
-        rows = []
-        for k, (a, fg) in enumerate(zip(alphas, fgs)):
-            bg = bgs[k if len(bgs) > 1 else 0]
-            matte = np.repeat(to_uint8(alpha_channel(a[i])), 3, axis=-1)
-            checker = over_checkerboard(a[i], as_float(fg[i]))
-            rows.append(np.concatenate([src, small(matte), small(checker), small(bg[i])], axis=1))
-        yield np.concatenate(rows, axis=0)
+        layers = [(a[i], fg[i], bgs[k if len(bgs) > 1 else 0][i]) for k, (a, fg) in enumerate(zip(alphas, fgs))]
+        yield preview_frame(video[i], layers, size)
 
 
 def write_preview(

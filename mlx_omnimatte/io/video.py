@@ -187,6 +187,33 @@ def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
         yield from _decode(path, "gray" if gray else "rgb24")
 
 
+class FrameStream:
+    """The first ``count`` frames of a video, read in order one at a time:
+    what the writers need of a clean-plate background, which they ask for
+    frame 0, 1, ... (the same frame again, as several layers share it, is
+    served from the last one read)."""
+
+    def __init__(self, path: str | Path, count: int):
+        self.path, self.count = Path(path), count
+        self._frames, self._t, self._last = None, -1, None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def frame(self, t: int) -> np.ndarray:
+        if t == self._t:
+            return self._last
+        if t == 0 or self._frames is None or t != self._t + 1:
+            if t != 0:
+                raise OmnimatteError(f"{self.path}: frames are streamed in order (asked for {t} after {self._t})")
+            self._frames = iter_frames(self.path)
+        self._last = next(self._frames, None)
+        if self._last is None:
+            raise OmnimatteError(f"{self.path}: decoding stopped after {t} of {self.count} frames")
+        self._t = t
+        return self._last
+
+
 def read_video(
     path: str | Path, fps: float | None = None, gray: bool = False, max_frames: int | None = None
 ) -> tuple[np.ndarray, VideoInfo]:

@@ -42,6 +42,9 @@ from ..errors import OmnimatteError
 from .video import as_rate
 
 H264_CRF = 16  # colour: visually lossless
+# x264 holds its lookahead frames at full size (~370 MB at 1080p by default);
+# a shorter lookahead costs little quality and keeps several encoders cheap.
+X264_MEMORY = {"rc-lookahead": "10", "threads": "2"}
 ALPHA_CRF = 8  # alpha through H.264: keep edges close to the PNG values
 VP9_CRF = 18
 PNG_COMPRESS = 3  # zlib level: much faster than the default 6, ~10% bigger
@@ -52,6 +55,16 @@ LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG
 
 
 # --- atomic outputs ---------------------------------------------------------
+
+
+class WriteError(OmnimatteError):
+    """Writing an output failed (disk full, permissions); an output written
+    inside another's hidden folder re-raises it under the outer name."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: writing failed ({reason}); nothing was written")
+        self.reason = reason
+
 
 
 def _remove(path: Path) -> None:
@@ -82,6 +95,15 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     if not os.access(above, os.W_OK | os.X_OK):
         raise OmnimatteError(f"{path}: the folder {above} is not writable")
     return path
+
+
+def check_space(path: str | Path, needed: int) -> None:
+    """Refuse before any work when the outputs would not fit on the disk."""
+    above = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    free = shutil.disk_usage(above).free
+    if needed > free:
+        raise OmnimatteError(f"{path}: the outputs need about {needed / 2 ** 30:.2f} GB but {above} has "
+                             f"{free / 2 ** 30:.2f} GB free (free some space or shorten the clip with --frames)")
 
 
 @contextmanager
@@ -115,33 +137,150 @@ def atomic_output(path: str | Path, overwrite: bool = False, directory: bool = F
             _remove(old)
         else:
             os.rename(tmp, path)
-    except OSError as e:  # disk full, permissions: said of the output, not of its hidden folder
+    except (OSError, WriteError) as e:  # disk full, permissions: said of the output, not of its hidden folder
         _remove(tmp)
-        raise OmnimatteError(f"{path}: writing failed ({e.strerror or e}); nothing was written") from None
+        reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+        raise WriteError(path, reason) from None
     except BaseException:
         _remove(tmp)
         raise
 
 
-# --- frame folders ----------------------------------------------------------
+# --- frame sinks ------------------------------------------------------------
+#
+# A sink takes frames one at a time, so an output is written as it is computed
+# (several sinks can be open at once: one pass over the source writes every
+# format). Entered, it writes into a hidden temporary; leaving without an
+# error moves the finished output into place, leaving on an error removes it.
 
 
 def frame_name(index: int) -> str:
     return f"{index:05d}.png"
 
 
+class PngSink:
+    """A PNG frame folder ``00000.png``, ... of gray, RGB or RGBA frames."""
+
+    def __init__(self, folder: str | Path, overwrite: bool = False):
+        self.path, self.overwrite, self.count = Path(folder), overwrite, 0
+
+    def __enter__(self) -> "PngSink":
+        self._ctx = atomic_output(self.path, self.overwrite, directory=True)
+        self._tmp = self._ctx.__enter__()
+        return self
+
+    def add(self, frame: np.ndarray) -> None:
+        Image.fromarray(to_uint8(frame)).save(self._tmp / frame_name(self.count), compress_level=PNG_COMPRESS)
+        self.count += 1
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None and self.count == 0:
+            err = OmnimatteError(f"{self.path}: no frames to write")
+            self._ctx.__exit__(OmnimatteError, err, None)
+            raise err
+        return bool(self._ctx.__exit__(*exc))
+
+
+class MappedSink:
+    """A sink whose frames are converted first (alpha -> gray, gray -> RGB)."""
+
+    def __init__(self, sink, convert):
+        self.sink, self.convert, self.path = sink, convert, sink.path
+
+    def __enter__(self) -> "MappedSink":
+        self.sink.__enter__()
+        return self
+
+    def add(self, frame: np.ndarray) -> None:
+        self.sink.add(self.convert(frame))
+
+    def __exit__(self, *exc) -> bool:
+        return self.sink.__exit__(*exc)
+
+
+class EncodedSink:
+    """A video file encoded with FFmpeg (through PyAV), frame by frame."""
+
+    def __init__(self, path: Path, fps, codec: str, pix_fmt: str, in_format: str, options: dict,
+                 overwrite: bool = False):
+        self.path, self.codec, self.pix_fmt, self.in_format = Path(path), codec, pix_fmt, in_format
+        self.options, self.overwrite, self.count = dict(options), overwrite, 0
+        self.channels = {"rgb24": 3, "rgba": 4}[in_format]
+        self.rate = as_rate(fps)
+        if self.rate <= 0:
+            raise OmnimatteError(f"{path}: frame rate {fps} must be positive")
+
+    def __enter__(self) -> "EncodedSink":
+        self._ctx = atomic_output(self.path, self.overwrite)
+        tmp = self._ctx.__enter__()
+        self._container, self._stream = av.open(str(tmp), mode="w"), None
+        return self
+
+    def _open_stream(self, h: int, w: int) -> None:
+        if self.pix_fmt == "yuv420p" and (w % 2 or h % 2):
+            self.pix_fmt = "yuv444p"  # 4:2:0 cannot code odd sizes
+        stream = self._container.add_stream(self.codec, rate=self.rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, self.pix_fmt
+        stream.options = dict(self.options)
+        _tag_bt709(stream.codec_context)
+        self._stream, self._shape = stream, (h, w, self.channels)
+
+    def add(self, frame: np.ndarray) -> None:
+        frame = np.ascontiguousarray(to_uint8(frame))
+        if self._stream is None:
+            self._open_stream(*frame.shape[:2])
+        if frame.shape != self._shape:
+            raise OmnimatteError(f"{self.path}: frame {self.count} has shape {frame.shape}, expected {self._shape}")
+        vf = _yuv_frame(frame, self.in_format, self.pix_fmt)
+        vf.pts = self.count
+        try:
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        except av.FFmpegError as e:
+            raise OmnimatteError(f"{self.path}: encoding failed ({' '.join(str(e).split())})") from None
+        self.count += 1
+
+    def _finish(self) -> None:
+        if self._stream is None:
+            raise OmnimatteError(f"{self.path}: no frames to write")
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()  # writes the trailer
+        except av.FFmpegError as e:
+            raise OmnimatteError(f"{self.path}: finishing the file failed ({' '.join(str(e).split())})") from None
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._abort()
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+                raise
+            return bool(self._ctx.__exit__(None, None, None))
+        self._abort()
+        return bool(self._ctx.__exit__(*exc))
+
+    def _abort(self) -> None:
+        try:
+            self._container.close()
+        except (av.FFmpegError, ValueError):
+            pass  # the first error is the one to report
+
+
+def write_frames(sink, frames: Iterable[np.ndarray]):
+    """Every frame into one sink; returns its path."""
+    with sink:
+        for frame in frames:
+            sink.add(frame)
+    return sink.path
+
+
 def write_png_frames(folder: str | Path, frames: np.ndarray | Iterable[np.ndarray], overwrite: bool = False) -> Path:
     """PNG frames ``00000.png``, ... from ``[T, H, W]`` (gray), ``[T, H, W, 3]``
     or ``[T, H, W, 4]`` arrays (uint8, or float in [0, 1])."""
-    folder = Path(folder)
-    with atomic_output(folder, overwrite, directory=True) as tmp:
-        n = 0
-        for i, frame in enumerate(frames):
-            Image.fromarray(to_uint8(frame)).save(tmp / frame_name(i), compress_level=PNG_COMPRESS)
-            n += 1
-        if n == 0:
-            raise OmnimatteError(f"{folder}: no frames to write")
-    return folder
+    return write_frames(PngSink(folder, overwrite), frames)
 
 
 # --- encoded videos ---------------------------------------------------------
@@ -163,146 +302,88 @@ def _yuv_frame(frame: np.ndarray, in_format: str, pix_fmt: str) -> av.VideoFrame
     return vf
 
 
-def _encode(
-    path: Path,
-    frames: Iterable[np.ndarray],
-    fps: float | Fraction,
-    codec: str,
-    pix_fmt: str,
-    in_format: str,
-    options: dict[str, str],
-    overwrite: bool,
-) -> Path:
-    channels = {"rgb24": 3, "rgba": 4}[in_format]
-    rate = as_rate(fps)
-    if rate <= 0:
-        raise OmnimatteError(f"{path}: frame rate {fps} must be positive")
-    with atomic_output(path, overwrite) as tmp:
-        container = av.open(str(tmp), mode="w")
-        done = False
-        try:
-            stream = None
-            n = 0
-            for i, frame in enumerate(frames):
-                frame = np.ascontiguousarray(to_uint8(frame))
-                if stream is None:
-                    h, w = frame.shape[:2]
-                    if pix_fmt == "yuv420p" and (w % 2 or h % 2):
-                        pix_fmt = "yuv444p"
-                    stream = container.add_stream(codec, rate=rate)
-                    stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-                    stream.options = dict(options)
-                    _tag_bt709(stream.codec_context)
-                if frame.shape[2:] != (channels,) or frame.shape[:2] != (h, w):
-                    raise OmnimatteError(
-                        f"{path}: frame {i} has shape {frame.shape}, expected ({h}, {w}, {channels})"
-                    )
-                vf = _yuv_frame(frame, in_format, pix_fmt)
-                vf.pts = i
-                for packet in stream.encode(vf):
-                    container.mux(packet)
-                n += 1
-            if stream is None:
-                raise OmnimatteError(f"{path}: no frames to write")
-            for packet in stream.encode():
-                container.mux(packet)
-            done = True
-        except av.FFmpegError as e:
-            raise OmnimatteError(f"{path}: encoding failed ({' '.join(str(e).split())})") from None
-        finally:
-            try:
-                container.close()  # writes the trailer
-            except av.FFmpegError as e:
-                if done:  # otherwise the first error is the one to report
-                    raise OmnimatteError(f"{path}: finishing the file failed ({' '.join(str(e).split())})") from None
-    return path
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    f = to_uint8(frame)
+    if f.ndim == 2:
+        f = f[..., None]
+    return np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f[..., :3]
 
 
-def _rgb_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    for f in frames:
-        f = to_uint8(f)
-        if f.ndim == 2:
-            f = np.repeat(f[..., None], 3, axis=-1)
-        elif f.shape[-1] == 1:
-            f = np.repeat(f, 3, axis=-1)
-        yield f[..., :3]
-
-
-def write_video(
-    path: str | Path,
-    frames: np.ndarray | Iterable[np.ndarray],
-    fps: float | Fraction,
-    overwrite: bool = False,
-    crf: int = H264_CRF,
-) -> Path:
-    """H.264 video (mp4/mov/mkv) from RGB ``[T, H, W, 3]`` or gray ``[T, H, W]``."""
+def video_sink(path: str | Path, fps: float | Fraction, overwrite: bool = False, crf: int = H264_CRF):
+    """H.264 (mp4/mov/mkv) of RGB ``[H, W, 3]`` or gray ``[H, W]`` frames."""
     path = Path(path)
     if path.suffix.lower() not in RGB_VIDEO_SUFFIXES:
         raise OmnimatteError(f"{path}: H.264 output needs one of {', '.join(RGB_VIDEO_SUFFIXES)}")
-    options = {"crf": str(crf), "preset": "medium"}
-    return _encode(path, _rgb_frames(frames), fps, "libx264", "yuv420p", "rgb24", options, overwrite)
+    options = {"crf": str(crf), "preset": "medium", **X264_MEMORY}
+    return MappedSink(EncodedSink(path, fps, "libx264", "yuv420p", "rgb24", options, overwrite), _rgb)
 
 
-def write_rgba_video(
-    path: str | Path,
-    frames: np.ndarray | Iterable[np.ndarray],
-    fps: float | Fraction,
-    overwrite: bool = False,
-) -> Path:
-    """RGBA ``[T, H, W, 4]`` (straight alpha) as ProRes 4444 ``.mov`` or VP9 ``.webm``."""
+def rgba_video_sink(path: str | Path, fps: float | Fraction, overwrite: bool = False):
+    """RGBA ``[H, W, 4]`` (straight alpha) as ProRes 4444 ``.mov`` or VP9 ``.webm``."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".mov":
         options = {"profile": "4444", "vendor": "apl0"}
-        return _encode(path, frames, fps, "prores_ks", "yuva444p10le", "rgba", options, overwrite)
+        return EncodedSink(path, fps, "prores_ks", "yuva444p10le", "rgba", options, overwrite)
     if suffix == ".webm":
         options = {"crf": str(VP9_CRF), "b": "0", "row-mt": "1", "deadline": "good", "cpu-used": "2"}
-        return _encode(path, frames, fps, "libvpx-vp9", "yuva420p", "rgba", options, overwrite)
+        return EncodedSink(path, fps, "libvpx-vp9", "yuva420p", "rgba", options, overwrite)
     raise OmnimatteError(f"{path}: RGBA video output needs .mov (ProRes 4444) or .webm (VP9)")
 
 
-def write_layer(
-    path: str | Path,
-    alpha: np.ndarray,
-    foreground: np.ndarray,
-    fps: float | Fraction,
-    overwrite: bool = False,
-) -> Path:
-    """One object layer as RGBA: a PNG folder (no suffix), ``.mov`` or ``.webm``.
-
-    alpha ``[T, H, W]`` / ``[T, H, W, 1]``, foreground ``[T, H, W, 3]``, uint8
-    or float in [0, 1]; colour is stored straight (not premultiplied).
-    """
-    path = Path(path)
-    check_output(path, overwrite)
-    frames = (rgba(alpha[t], foreground[t]) for t in range(len(foreground)))
+def layer_sink(path: str | Path, fps: float | Fraction, overwrite: bool = False):
+    """One object layer of RGBA frames (colour straight, not premultiplied):
+    a PNG folder (no suffix), ``.mov`` or ``.webm``."""
+    path = check_output(path, overwrite)
     if path.suffix.lower() in RGBA_VIDEO_SUFFIXES:
-        return write_rgba_video(path, frames, fps, overwrite)
+        return rgba_video_sink(path, fps, overwrite)
     if path.suffix:
         raise OmnimatteError(f"{path}: layer output is a folder (no suffix), .mov or .webm")
-    return write_png_frames(path, frames, overwrite)
+    return PngSink(path, overwrite)
 
 
-def write_alpha(
-    path: str | Path, alpha: np.ndarray, fps: float | Fraction, overwrite: bool = False
-) -> Path:
-    """Alpha matte as grayscale PNG frames (no suffix) or H.264 ``.mp4``."""
+def alpha_sink(path: str | Path, fps: float | Fraction, overwrite: bool = False):
+    """Alpha mattes ``[H, W]`` / ``[H, W, 1]`` as grayscale PNG frames (no
+    suffix) or H.264 ``.mp4``."""
     path = Path(path)
-    frames = (to_uint8(alpha_channel(a)[..., 0]) for a in alpha)
     if path.suffix.lower() in RGB_VIDEO_SUFFIXES:
-        return write_video(path, frames, fps, overwrite, crf=ALPHA_CRF)
-    if path.suffix:
+        sink = video_sink(path, fps, overwrite, crf=ALPHA_CRF)
+    elif path.suffix:
         raise OmnimatteError(f"{path}: alpha output is a folder (no suffix) or .mp4")
-    return write_png_frames(path, frames, overwrite)
+    else:
+        sink = PngSink(path, overwrite)
+    return MappedSink(sink, lambda a: to_uint8(alpha_channel(a)[..., 0]))
 
 
-def write_background(
-    path: str | Path, frames: np.ndarray, fps: float | Fraction, overwrite: bool = False
-) -> Path:
-    """RGB video as H.264 (``.mp4``/``.mov``/``.mkv``) or PNG frames (no suffix)."""
+def background_sink(path: str | Path, fps: float | Fraction, overwrite: bool = False):
+    """RGB frames as H.264 (``.mp4``/``.mov``/``.mkv``) or PNG frames (no suffix)."""
     path = Path(path)
     if path.suffix.lower() in RGB_VIDEO_SUFFIXES:
-        return write_video(path, frames, fps, overwrite)
+        return video_sink(path, fps, overwrite)
     if path.suffix:
         raise OmnimatteError(f"{path}: background output is a folder (no suffix) or .mp4")
-    return write_png_frames(path, frames, overwrite)
+    return PngSink(path, overwrite)
+
+
+def write_video(path, frames, fps, overwrite: bool = False, crf: int = H264_CRF) -> Path:
+    """H.264 video (mp4/mov/mkv) from RGB ``[T, H, W, 3]`` or gray ``[T, H, W]``."""
+    return write_frames(video_sink(path, fps, overwrite, crf), frames)
+
+
+def write_rgba_video(path, frames, fps, overwrite: bool = False) -> Path:
+    return write_frames(rgba_video_sink(path, fps, overwrite), frames)
+
+
+def write_layer(path, alpha: np.ndarray, foreground: np.ndarray, fps, overwrite: bool = False) -> Path:
+    """alpha ``[T, H, W]`` / ``[T, H, W, 1]``, foreground ``[T, H, W, 3]``, uint8
+    or float in [0, 1]."""
+    sink = layer_sink(path, fps, overwrite)
+    return write_frames(sink, (rgba(alpha[t], foreground[t]) for t in range(len(foreground))))
+
+
+def write_alpha(path, alpha: np.ndarray, fps, overwrite: bool = False) -> Path:
+    return write_frames(alpha_sink(path, fps, overwrite), alpha)
+
+
+def write_background(path, frames: np.ndarray, fps, overwrite: bool = False) -> Path:
+    return write_frames(background_sink(path, fps, overwrite), frames)

@@ -18,16 +18,19 @@ from PIL import Image
 
 from ..branch.experts import KINDS
 from ..bundle import COMPONENTS, Bundle, check_expert_fits, open_bundle
+from ..compositing import as_float
 from ..errors import OmnimatteError
-from ..io.grid import plan_grid
-from ..io.inputs import ClipSpec, read_clip, resolve_clip
-from ..io.video import IMAGE_EXTENSIONS, probe_video, read_video
-from ..memory import machine_memory
+from ..io.compose import FIT_MODES
+from ..io.grid import GridVideo, plan_grid, resize_frames
+from ..io.inputs import ClipSpec, read_clip, read_frames, resolve_clip
+from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
+from ..memory import GB, machine_memory
 from ..weights import read_config
 from ..progress import Progress, Report
+from ..prompts import prompt_cached
 from .omnimatte import Layers, run_decompose
-from .optimize import FIT_MODES, OptimizeSettings, fit_plate
-from .plan import RunPlan, check_fits, plan_run
+from .optimize import OptimizeSettings, fit_plate
+from .plan import Outputs, RunPlan, check_fits, disk_bytes, plan_run
 from .removal import removal_targets, run_removal
 from .settings import Mode, Settings, experts_needed, settings_from
 from .two_stage import run_optimize, run_with_plate
@@ -49,6 +52,7 @@ class Request:
     plate: Path | None = None  # clean-plate mode: the background, given
     fit: str | None = None  # how a plate of another size or length is fitted
     expert_dirs: dict = field(default_factory=dict)  # kind -> expert directory, over the bundle's
+    outputs: Outputs = field(default_factory=Outputs)  # what will be written (planned: encoders, disk)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -62,6 +66,7 @@ class PlatePlan:
     spec: ClipSpec
     size: tuple[int, int]
     settings: OptimizeSettings
+    disk: int = 0  # predicted size of the outputs
 
     def render(self, machine: int) -> str:
         i = self.spec.info
@@ -69,6 +74,7 @@ class PlatePlan:
             f"mode: clean-plate, {self.spec.num_objects} object(s), no model weights",
             f"source: {i.width}x{i.height}, {i.frames} frames -> working grid {self.size[0]}x{self.size[1]}",
             f"optimization: {self.settings.iterations} iterations of {self.settings.batch_frames}-frame windows",
+            f"outputs: about {self.disk / GB:.2f} GB on disk",
         ])
 
 
@@ -119,11 +125,20 @@ def check_plate(path: Path, spec: ClipSpec, fit: str | None) -> None:
                   spec.info.size, None)
 
 
-def read_plate(path: Path, spec: ClipSpec) -> np.ndarray:
+def read_plate(path: Path, spec: ClipSpec, size: tuple[int, int], fit: str | None):
+    """(the plate on the working grid, the background to write). An image is
+    one frame; a video that needs no fitting is read onto the grid in one
+    streaming pass and re-read frame by frame when written; only a plate
+    that `--fit` reshapes is held at its own size."""
+    n = spec.info.frames
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    return read_video(path, fps=spec.info.fps, max_frames=spec.info.frames)[0]
+            image = fit_plate(np.asarray(im.convert("RGB")), n, spec.info.size, fit)
+        return resize_frames(image[:1], size, "area"), GridVideo(image, spec.info.size)
+    if fit is None:
+        return read_frames(path, n, size)[0], FrameStream(path, n)
+    plate = fit_plate(read_video(path, fps=spec.info.fps)[0], n, spec.info.size, fit)
+    return resize_frames(plate, size, "area"), GridVideo(plate, spec.info.size)
 
 
 def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
@@ -146,24 +161,34 @@ def prepare(request: Request) -> Prepared:
     if request.mode is Mode.PLATE:
         check_plate(request.plate, request.clip, request.fit)
         grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=1)
-        return Prepared(request, None, PlatePlan(request.clip, grid.size, request.optimize), machine_memory())
+        disk = disk_bytes(Mode.PLATE, grid, request.clip.num_objects, request.outputs)
+        return Prepared(request, None, PlatePlan(request.clip, grid.size, request.optimize, disk), machine_memory())
     b = with_experts(open_bundle(request.bundle, COMPONENTS), request.expert_dirs)
     transformer = read_config(b.path("transformer"))
     for kind in request.experts:
         check_expert_fits(b.expert(kind), transformer)
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
-    return Prepared(request, b, plan_run(request.mode, grid, request.clip.num_objects, b, s), machine_memory())
+    cached = prompt_cached(b.path("t5"), request.clip.caption or "", s.cache_dir)
+    plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs)
+    return Prepared(request, b, plan, machine_memory())
+
+
+def grid_size(prepared: Prepared) -> tuple[int, int]:
+    """The (W, H) the clip is read at: the model grid (or the working grid)."""
+    plan = prepared.plan
+    return plan.size if isinstance(plan, PlatePlan) else plan.grid.size
 
 
 def execute(prepared: Prepared, report: Report = None) -> dict:
-    """Check the plan fits, read the clip, run: removal -> {label: background},
-    the decompositions -> {name: Layers}."""
+    """Check the plan fits, read the clip onto the model grid, run: removal ->
+    {label: GridVideo}, the decompositions -> {name: LayerVideos}."""
     r = prepared.request
+    if r.mode is not Mode.PLATE:
+        check_fits(prepared.plan, prepared.machine, r.settings)
+    clip = read_clip(r.clip, grid_size(prepared), report)
     if r.mode is Mode.PLATE:
-        clip = read_clip(r.clip)
-        return run_with_plate(clip, read_plate(r.plate, r.clip), r.settings, r.optimize, r.fit, report)
-    check_fits(prepared.plan, prepared.machine, r.settings)
-    clip = read_clip(r.clip)
+        working, background = read_plate(r.plate, r.clip, grid_size(prepared), r.fit)
+        return run_with_plate(clip, working, background, r.optimize, report)
     if r.mode is Mode.DECOMPOSE:
         return run_decompose(clip, prepared.bundle, r.settings, report, kinds=r.experts)
     if r.mode is Mode.OPTIMIZE:
@@ -172,12 +197,18 @@ def execute(prepared: Prepared, report: Report = None) -> dict:
     return run_removal(clip, prepared.bundle, r.settings, report, targets)
 
 
+def source_frames(spec: ClipSpec) -> np.ndarray:
+    """The source video as one array (only the Python API returns whole arrays)."""
+    return read_video(spec.video, fps=spec.fps, max_frames=spec.info.frames)[0]
+
+
 def remove(video, masks=None, *, bundle, caption=None, frames=None, objects: str = "both",
            progress: bool = False, **settings) -> dict:
     """label ("all", "without_<name>") -> background float32 [T, H, W, 3] in [0, 1]."""
     request = Request(Mode.REMOVE, resolve_clip(video, masks or (), caption, frames), Path(bundle),
                       settings_from(**settings), objects)
-    return execute(prepare(request), Progress(enabled=progress))
+    return {label: bg.full().astype(np.float32) / 255.0
+            for label, bg in execute(prepare(request), Progress(enabled=progress)).items()}
 
 
 def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, method: str | None = None,
@@ -195,4 +226,6 @@ def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, meth
                       plate=Path(clean_plate) if clean_plate is not None else None, fit=fit,
                       expert_dirs={k: Path(v) for k, v in (experts or {}).items()})
     request.mode = choose_mode(request, method)
-    return execute(prepare(request), Progress(enabled=progress))
+    layers = execute(prepare(request), Progress(enabled=progress))
+    source = as_float(source_frames(request.clip))
+    return {name: layer.materialize(source) for name, layer in layers.items()}

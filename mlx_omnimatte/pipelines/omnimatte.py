@@ -19,9 +19,9 @@ import numpy as np
 from ..branch.experts import KINDS, Expert, resolve_tau, route, select
 from ..branch.forward import branch_forward, check_experts
 from ..bundle import Bundle
-from ..compositing import solve_foreground
+from ..compositing import as_float, solve_foreground, to_uint8
 from ..errors import OmnimatteError
-from ..io.grid import from_model_grid
+from ..io.grid import GridVideo
 from ..io.inputs import Clip
 from ..progress import Report, stage
 from ..sampling import make_sampler
@@ -32,9 +32,39 @@ from .stages import ModeSpec, Trajectory, denoise, run_stages
 
 @dataclass
 class Layers:
+    """One object's layers on the source grid as whole arrays (the Python API)."""
+
     alpha: np.ndarray  # float32 [T, H, W] in [0, 1], effects included
     foreground: np.ndarray  # float32 [T, H, W, 3]
     background: np.ndarray  # float32 [T, H, W, 3]
+
+    def __len__(self) -> int:
+        return int(self.alpha.shape[0])
+
+    def frame(self, t: int, source: np.ndarray) -> tuple:
+        return self.alpha[t], self.foreground[t], self.background[t]
+
+
+@dataclass
+class LayerVideos:
+    """One object's result as a run keeps it: alpha and background on the
+    model grid. Source-grid frames, the foreground solved in closed form
+    against the source frame, are made one at a time as they are written."""
+
+    alpha: GridVideo  # [T, h, w] float32
+    background: GridVideo  # [T, h, w, 3]
+
+    def __len__(self) -> int:
+        return len(self.alpha)
+
+    def frame(self, t: int, source: np.ndarray) -> tuple:
+        a, bg = self.alpha.frame(t), as_float(self.background.frame(t))
+        return a, solve_foreground(source, a, bg), bg
+
+    def materialize(self, source: np.ndarray) -> Layers:
+        """Whole source-grid arrays, given the source frames [T, H, W, 3]."""
+        a, bg = self.alpha.full(), as_float(self.background.full())
+        return Layers(a, solve_foreground(source, a, bg), bg)
 
 
 @dataclass
@@ -102,17 +132,15 @@ def load_experts(bundle: Bundle, kinds, report: Report = None) -> dict:
 
 def run_decompose(clip: Clip, bundle: Bundle, settings: Settings, report: Report = None,
                   objects: list[int] | None = None, kinds=KINDS) -> dict[str, Layers]:
-    """object name -> Layers on the source grid; `kinds`: the experts to load."""
+    """object name -> LayerVideos; `kinds`: the experts to load."""
     objects = list(range(len(clip.names))) if objects is None else objects
     dual = DualExpert.of(load_experts(bundle, kinds, report), settings.tau)
     dual.check_schedule(settings)
     trajectories = [Trajectory(clip.names[i], [i], latents=2) for i in objects]
     plan, decoded = run_stages(clip, bundle, dual.spec(trajectories), settings, report,
                                decode_as=("background", "alpha"))
-    src = clip.frames.astype(np.float32) / 255.0
     layers = {}
     for name, videos in decoded.items():
-        bg = from_model_grid(videos["background"], plan)
-        alpha = np.clip(from_model_grid(videos["alpha"].mean(-1), plan), 0.0, 1.0)
-        layers[name] = Layers(alpha, solve_foreground(src, alpha, bg), bg)
+        alpha = np.clip(videos["alpha"].mean(-1), 0.0, 1.0)
+        layers[name] = LayerVideos(GridVideo.of(alpha, plan), GridVideo.of(to_uint8(videos["background"]), plan))
     return layers

@@ -12,10 +12,17 @@ each step one random window of ``batch_frames`` consecutive frames.
 Inference runs in windows of the same length, so memory does not grow with
 the clip.
 
-Clean-plate mode with several objects (no solo videos exist): the layers are
-fitted jointly against the plate, one U-Net per object, composited front to
-back (mask order), and each network also sees its object's mask (7 input
-channels) so that the layers stay apart once mask supervision ends.
+The mask is eroded by 5 pixels of a 480-pixel-high frame, scaled to the
+working grid (a fixed 5 pixels eats a small grid's objects).
+
+Clean-plate mode (ours): outside the mask, alpha is supervised towards the
+least alpha that explains each pixel over the plate (0 where plate and
+video agree, the darkening fraction under a shadow) instead of towards 0,
+and that supervision stays on for the whole run (`for_plate`). With several
+objects (no solo videos exist) the layers are fitted jointly against the
+plate, one U-Net per object, composited front to back (mask order); each
+network also sees its object's mask (7 input channels), and each pixel's
+plate difference goes to the nearest object's layer.
 """
 
 from __future__ import annotations
@@ -28,15 +35,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from ..compositing import as_float
+from ..compositing import as_float, least_alpha
 from ..errors import OmnimatteError
-from ..io.grid import mirror_indices, resize_frames
+from ..io.compose import fit_frames
 from ..io.masks import dilate_mask
 from ..models.unet import DOWNSAMPLE, UNet, UNetConfig, init_weights
 
 Report = Callable[[str, int, "int | None", str], None]
-FIT_MODES = ("stretch", "crop", "loop")
 STAGE = "optimize"
+PLATE_MILESTONES = (0.7, 0.9)  # clean plate: lr x0.1 at these fractions of the run
 
 
 @dataclass
@@ -55,11 +62,17 @@ class OptimizeSettings:
     l0_k: float = 5.0
     w_mask: float = 10.0
     mask_steps: int = 1000  # mask supervision is switched off from this step
-    erode: int = 5  # square erosion of the mask before supervision
+    erode: int = 5  # square erosion of the mask before supervision, in pixels of a
+    erode_side: int = 480  # frame of this shorter side (the reference's 480x832); scaled to the grid
     detail_threshold: float = 0.98
     detail_transfer: bool = True
     nf: int = 32
     norm_identity: bool = False  # True: BatchNorm starts at scale 1 (short runs; see unet.init_weights)
+    # Clean plate: outside the mask, alpha is supervised towards the least
+    # alpha that explains the pixel over the plate instead of towards 0, so
+    # mask supervision teaches the effects rather than suppressing them.
+    plate_prior: bool = False
+    prior_floor: float = 0.02  # plate differences up to this count as noise
     compile: bool = True
 
     def scaled(self, iterations: int) -> "OptimizeSettings":
@@ -68,6 +81,22 @@ class OptimizeSettings:
         f = iterations / max(self.iterations, 1)
         return replace(self, iterations=iterations, milestones=tuple(round(m * f) for m in self.milestones),
                        mask_steps=round(self.mask_steps * f))
+
+    def erosion(self, height: int, width: int) -> int:
+        """The erosion in pixels on a working grid of this size: a mask is as
+        coarse relative to the frame at 64 pixels as at 480."""
+        return max(1, round(self.erode * min(height, width) / self.erode_side))
+
+    def for_plate(self) -> "OptimizeSettings":
+        """Clean-plate mode (no reference: ours). The plate is exact, so the
+        least alpha that explains each pixel over it is a target worth
+        keeping: mask supervision stays on for the whole run, pulling alpha
+        to it outside the mask, and the learning rate stays up for most of
+        the run (x0.1 at 70% and 90%) instead of the reference's early drops,
+        which stall a short run before the effects are learnt."""
+        n = self.iterations
+        return replace(self, plate_prior=True, mask_steps=n,
+                       milestones=tuple(round(f * n) for f in PLATE_MILESTONES))
 
     def lr_at(self, step: int) -> float:
         return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
@@ -88,9 +117,10 @@ def masked_l2(pred: mx.array, target: mx.array, mask: mx.array) -> mx.array:
     return mx.sum(mx.square(pred - target) * mask) / (mx.sum(mask) + 1e-9)
 
 
-def mask_loss(alpha: mx.array, mask: mx.array) -> mx.array:
-    """Alpha pulled to 1 inside the mask and to 0 outside, each side averaged."""
-    return masked_l2(alpha, mask, mask) + masked_l2(alpha, mask, 1.0 - mask)
+def mask_loss(alpha: mx.array, mask: mx.array, outside=0.0) -> mx.array:
+    """Alpha pulled to 1 inside the mask and to ``outside`` (the reference: 0)
+    elsewhere, each side averaged."""
+    return masked_l2(alpha, mask, mask) + masked_l2(alpha, outside, 1.0 - mask)
 
 
 def over(layers: list[tuple[mx.array, mx.array]], background: mx.array) -> mx.array:
@@ -101,12 +131,13 @@ def over(layers: list[tuple[mx.array, mx.array]], background: mx.array) -> mx.ar
     return out
 
 
-def layer_losses(layers, background, target, masks, mask_means, l0_k: float = 5.0) -> dict:
-    """The reference loss terms, summed over layers; ``masks`` [K, N, H, W, 1]."""
+def layer_losses(layers, background, target, masks, mask_means, l0_k: float = 5.0, outside=None) -> dict:
+    """The reference loss terms, summed over layers; ``masks`` [K, N, H, W, 1];
+    ``outside``: per layer the alpha supervised outside its mask (None: 0)."""
     recon = mx.mean(mx.square(target - over(layers, background)))
     l0 = sum(m * sparsity_l0(a, l0_k) for (_, a), m in zip(layers, mask_means))
     l1 = sum(m * sparsity_l1(a) for (_, a), m in zip(layers, mask_means))
-    sup = sum(mask_loss(a, masks[k]) for k, (_, a) in enumerate(layers))
+    sup = sum(mask_loss(a, masks[k], 0.0 if outside is None else outside[k]) for k, (_, a) in enumerate(layers))
     return {"recon": recon, "l0": l0, "l1": l1, "mask": sup}
 
 
@@ -158,6 +189,7 @@ class Problem:
     background: np.ndarray  # [T, Hp, Wp, 3]
     masks: np.ndarray  # [K, T, Hp, Wp, 1] eroded supervision masks
     valid: tuple[int, int]  # (H, W) before padding
+    outside: np.ndarray | None = None  # [K, T, Hp, Wp, 1] alpha supervised outside each mask (None: 0)
 
     @property
     def frames(self) -> int:
@@ -166,6 +198,11 @@ class Problem:
     def window(self, start: int, stop: int):
         sl = slice(start, stop)
         return mx.array(self.video[sl]), mx.array(self.background[sl]), mx.array(self.masks[:, sl])
+
+    def outside_window(self, start: int, stop: int) -> mx.array:
+        if self.outside is None:
+            return mx.zeros((self.masks.shape[0], 1, 1, 1, 1), dtype=mx.float32)
+        return mx.array(self.outside[:, start:stop])
 
 
 def pad32(x: np.ndarray, axes=(1, 2)) -> np.ndarray:
@@ -195,8 +232,43 @@ def make_problem(video, background, masks: list, settings: OptimizeSettings) -> 
     for k, m in enumerate(masks):
         if np.shape(m) != v.shape[:3]:
             raise OmnimatteError(f"optimize: mask {k} has shape {np.shape(m)}, expected {v.shape[:3]}")
-    m = np.stack([erode(binary_mask(mk), settings.erode) for mk in masks]).astype(np.float32)[..., None]
-    return Problem(pad32(v), pad32(bg), pad32(m, axes=(2, 3)), v.shape[1:3])
+    full = np.stack([binary_mask(mk) for mk in masks])
+    size = settings.erosion(*v.shape[1:3])
+    m = np.stack([erode(mk, size) for mk in full]).astype(np.float32)[..., None]
+    outside = plate_prior(v, bg, full, settings.prior_floor)[..., None] if settings.plate_prior else None
+    return Problem(pad32(v), pad32(bg), pad32(m, axes=(2, 3)), v.shape[1:3],
+                   None if outside is None else pad32(outside, axes=(2, 3)))
+
+
+def nearest_owner(masks: np.ndarray, stride: int = 4) -> np.ndarray:
+    """For each pixel of [K, T, H, W] bool masks, the index of the nearest
+    mask (chessboard distance on a grid ``stride`` times coarser; ties to the
+    front), -1 where a frame has no mask at all."""
+    k, t, h, w = masks.shape
+    ph, pw = -h % stride, -w % stride
+    coarse = np.pad(masks, ((0, 0), (0, 0), (0, ph), (0, pw)))
+    coarse = coarse.reshape(k, t, (h + ph) // stride, stride, (w + pw) // stride, stride).any(axis=(3, 5))
+    owner = np.full(coarse.shape[1:], -1, dtype=np.int32)
+    grown = coarse.copy()
+    while True:
+        for j in range(k):
+            owner[(owner < 0) & grown[j]] = j
+        wider = dilate_mask(grown, 3)
+        if (owner >= 0).all() or (wider == grown).all():
+            break
+        grown = wider
+    return owner.repeat(stride, axis=1).repeat(stride, axis=2)[:, :h, :w]
+
+
+def plate_prior(video: np.ndarray, plate: np.ndarray, masks: np.ndarray, floor: float) -> np.ndarray:
+    """Per layer [K, T, H, W]: the least alpha explaining each pixel over the
+    plate, given to the nearest object's layer, 0 inside other objects' masks."""
+    least = least_alpha(video, plate, floor)
+    if masks.shape[0] == 1:
+        return least[None]
+    owner = nearest_owner(masks)
+    inside_any = masks.any(axis=0)
+    return np.stack([np.where((owner == j) & ~inside_any, least, 0.0) for j in range(masks.shape[0])])
 
 
 def sample_window(rng: np.random.Generator, frames: int, length: int) -> int:
@@ -211,15 +283,16 @@ def sample_window(rng: np.random.Generator, frames: int, length: int) -> int:
 def make_step(nets: LayerNets, opt: optim.Optimizer, valid: tuple[int, int], settings: OptimizeSettings):
     h, w = valid
 
-    def loss_fn(model, video, bg, masks, means, weights):
+    def loss_fn(model, video, bg, masks, outside, means, weights):
         layers = [(rgb[:, :h, :w], a[:, :h, :w]) for rgb, a in model(video, bg, masks)]
-        terms = layer_losses(layers, bg[:, :h, :w], video[:, :h, :w], masks[:, :, :h, :w], means, settings.l0_k)
+        terms = layer_losses(layers, bg[:, :h, :w], video[:, :h, :w], masks[:, :, :h, :w], means, settings.l0_k,
+                             outside[:, :, :h, :w])
         return total_loss(terms, weights)
 
     grad_fn = nn.value_and_grad(nets, loss_fn)
 
-    def step(video, bg, masks, means, weights):
-        loss, grads = grad_fn(nets, video, bg, masks, means, weights)
+    def step(video, bg, masks, outside, means, weights):
+        loss, grads = grad_fn(nets, video, bg, masks, outside, means, weights)
         opt.update(nets, grads)
         return loss
 
@@ -251,7 +324,8 @@ def fit(problem: Problem, settings: OptimizeSettings, report: Report | None = No
     for i in range(settings.iterations):
         opt.learning_rate = settings.lr_at(i)
         start = sample_window(rng, problem.frames, length)
-        loss = step(*problem.window(start, start + length), means, step_weights(settings, i))
+        loss = step(*problem.window(start, start + length), problem.outside_window(start, start + length), means,
+                    step_weights(settings, i))
         mx.eval(loss, nets.state, opt.state)
         if report:
             report(STAGE, i + 1, settings.iterations, f"loss {loss.item():.5f}")
@@ -332,7 +406,7 @@ def run_clean_plate(frames, masks: list, plate, settings: OptimizeSettings | Non
     """Layers against a user-given clean plate (already fitted to the clip,
     see ``fit_plate``): one object is the reference problem with solo = the
     clip; several are fitted jointly, front to back in mask order."""
-    return optimize_layers(frames, plate, list(masks), settings, report)
+    return optimize_layers(frames, plate, list(masks), (settings or OptimizeSettings()).for_plate(), report)
 
 
 # --- the clean plate ----------------------------------------------------------------
@@ -340,41 +414,7 @@ def run_clean_plate(frames, masks: list, plate, settings: OptimizeSettings | Non
 
 def fit_plate(plate_frames: np.ndarray, num_frames: int, size: tuple[int, int], fit: str | None = None) -> np.ndarray:
     """A plate ([H, W, 3] image or [T, H, W, 3] video) as ``num_frames``
-    frames at ``size`` (W, H). A single image is repeated. Another size or
-    fewer frames is an error unless ``fit``: ``stretch`` (resize and
-    time-stretch), ``crop`` (scale to cover and centre-crop; a short plate is
-    then mirrored in time) or ``loop`` (repeat in time, forth and back; a
-    plate of another size is resized). A longer plate is trimmed."""
-    plate = np.asarray(plate_frames)
-    if plate.ndim == 3:
-        plate = plate[None]
-    if plate.ndim != 4 or plate.shape[-1] not in (3, 4):
-        raise OmnimatteError(f"clean plate: expected an image or a video, got an array of shape {plate.shape}")
-    if fit is not None and fit not in FIT_MODES:
-        raise OmnimatteError(f"clean plate: --fit {fit}: expected one of {', '.join(FIT_MODES)}")
-    plate = plate[..., :3]
-    t, h, w = plate.shape[:3]
-    if (w, h) != tuple(size):
-        if fit is None:
-            raise OmnimatteError(f"clean plate: {w}x{h} differs from the clip's {size[0]}x{size[1]} "
-                                 "(pass --fit stretch, crop or loop to adapt it)")
-        plate = _crop_cover(plate, size) if fit == "crop" else resize_frames(plate, size)
-    if t == 1:
-        return np.broadcast_to(plate, (num_frames,) + plate.shape[1:])
-    if t < num_frames:
-        if fit is None:
-            raise OmnimatteError(f"clean plate: {t} frames, fewer than the clip's {num_frames} "
-                                 "(pass --fit stretch, crop or loop to extend it)")
-        if fit == "stretch":
-            return plate[np.minimum((np.arange(num_frames) * t) // num_frames, t - 1)]
-        return plate[mirror_indices(t, num_frames)]
-    return plate[:num_frames]
-
-
-def _crop_cover(plate: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    w, h = size
-    s = max(w / plate.shape[2], h / plate.shape[1])
-    cw, ch = max(w, round(plate.shape[2] * s)), max(h, round(plate.shape[1] * s))
-    big = resize_frames(plate, (cw, ch))
-    x0, y0 = (cw - w) // 2, (ch - h) // 2
-    return big[:, y0:y0 + h, x0:x0 + w]
+    frames at ``size`` (W, H), by the one fitting rule of ``io.compose``: an
+    image repeats, a longer plate is trimmed, another size or fewer frames is
+    an error unless ``fit`` (stretch, crop or loop)."""
+    return fit_frames(plate_frames, num_frames, size, fit, what="clean plate", against="the clip's")

@@ -11,57 +11,75 @@ decompose:                              remove:
 
 from __future__ import annotations
 
+import itertools
+from contextlib import ExitStack
 from pathlib import Path
 
-from ..io.inputs import Clip
-from ..io.video import read_video
+from ..compositing import rgba
+from ..io.preview import panel_size, preview_frame
+from ..io.video import iter_frames
+from ..io.writers import alpha_sink, atomic_output, background_sink, layer_sink, video_sink
 from ..progress import Report, stage
-from ..io.preview import write_preview
-from ..io.writers import atomic_output, write_alpha, write_background, write_layer
 
 LAYER_FORMATS = {"png": "layer", "prores": "layer.mov", "webm": "layer.webm"}
 
 
+def source_stream(clip, count: int):
+    """The source frames again, one at a time (`clip`: a Clip or a ClipSpec)."""
+    return itertools.islice(iter_frames(clip.info.path), count)
+
+
+def _object_sinks(folder: Path, formats, background: str, preview: bool, fps, stack: ExitStack) -> dict:
+    folder.mkdir()
+    sinks = {"layers": [stack.enter_context(layer_sink(folder / LAYER_FORMATS[f], fps)) for f in formats],
+             "alpha": stack.enter_context(alpha_sink(folder / "alpha.mp4", fps)),
+             "background": stack.enter_context(background_sink(folder / _bg_name(background), fps))}
+    if preview:
+        sinks["preview"] = stack.enter_context(video_sink(folder / "preview.mp4", fps))
+    return sinks
+
+
+def _add_frame(sinks: dict, a, fg, bg, source, panel) -> None:
+    for sink in sinks["layers"]:
+        sink.add(rgba(a, fg))
+    sinks["alpha"].add(a)
+    sinks["background"].add(bg)
+    if "preview" in sinks:
+        sinks["preview"].add(preview_frame(source, [(a, fg, bg)], panel))
+
+
 def write_decomposition(out: Path, clip, layers: dict, formats=("png",), background: str = "mp4",
                         preview: bool = True, overwrite: bool = False, report: Report = None) -> Path:
-    """`clip`: the Clip, or the ClipSpec it was read from (the preview then
-    re-reads the source frames)."""
-    fps = _fps(clip)
-    with atomic_output(out, overwrite, directory=True) as tmp, stage(report, "write", len(layers)) as tick:
-        for name, layer in layers.items():
-            folder = tmp / f"object_{name}"
-            folder.mkdir()
-            for fmt in formats:
-                write_layer(folder / LAYER_FORMATS[fmt], layer.alpha, layer.foreground, fps)
-            write_alpha(folder / "alpha.mp4", layer.alpha, fps)
-            write_background(folder / _bg_name(background), layer.background, fps)
-            if preview:
-                write_preview(folder / "preview.mp4", _source_frames(clip, layer.alpha), [layer.alpha],
-                              [layer.foreground], [layer.background], fps)
-            tick(name)
+    """Every output of every object in one pass over the source, re-read frame
+    by frame: each layer gives its source-grid frame (`Layers` or
+    `LayerVideos`), and every format is written as it comes. `clip`: the Clip
+    or the ClipSpec it was read from."""
+    fps, count = clip.info.fps, min(len(x) for x in layers.values())
+    panel = panel_size(*clip.info.size)
+    with atomic_output(out, overwrite, directory=True) as tmp, ExitStack() as stack:
+        sinks = {name: _object_sinks(tmp / f"object_{name}", formats, background, preview, fps, stack)
+                 for name in layers}
+        with stage(report, "write", count) as tick:
+            for t, source in enumerate(source_stream(clip, count)):
+                for name, layer in layers.items():
+                    _add_frame(sinks[name], *layer.frame(t, source), source, panel)
+                tick()
     return out
 
 
 def write_removal(out: Path, clip, backgrounds: dict, background: str = "mp4",
                   overwrite: bool = False, report: Report = None) -> Path:
-    fps = _fps(clip)
-    with atomic_output(out, overwrite, directory=True) as tmp, stage(report, "write", len(backgrounds)) as tick:
-        for label, frames in backgrounds.items():
-            write_background(tmp / _bg_name(background, f"background_{label}"), frames, fps)
-            tick(label)
+    """label -> background GridVideo, written frame by frame."""
+    fps, count = clip.info.fps, min(len(x) for x in backgrounds.values())
+    with atomic_output(out, overwrite, directory=True) as tmp, ExitStack() as stack:
+        sinks = {label: stack.enter_context(background_sink(tmp / _bg_name(background, f"background_{label}"), fps))
+                 for label in backgrounds}
+        with stage(report, "write", count) as tick:
+            for t in range(count):
+                for label, video in backgrounds.items():
+                    sinks[label].add(video.frame(t))
+                tick()
     return out
-
-
-def _fps(clip) -> float:
-    return clip.info.fps  # a Clip's or a ClipSpec's: the source's rate
-
-
-def _source_frames(clip, alpha):
-    """The source frames for the preview: a Clip's, else re-read (as many as
-    the layers have)."""
-    if isinstance(clip, Clip):
-        return clip.frames
-    return read_video(clip.video, fps=clip.fps, max_frames=len(alpha))[0]
 
 
 def _bg_name(fmt: str, stem: str = "background") -> str:

@@ -16,11 +16,26 @@ import mlx.core as mx
 from ..bundle import Bundle
 from ..errors import OmnimatteError
 from ..io.grid import GridPlan
+from ..io.preview import PANELS, panel_size
 from ..memory import DEFAULT_ATTENTION_BUDGET, GB, fused_attention
 from ..models.wan import vae_tiling
 from ..weights import read_config
 from .settings import Mode, Settings, num_windows, vae_budget
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
+TEXT_TOKENS = 512  # the caption is encoded to this many tokens
+
+
+# Host RAM outside MLX, from scripts/bench_memory.py (1080p and 640x384
+# sources, tiny bundle): the process with its libraries, and per source
+# pixel what a frame costs while it is read (decoded uint8, area-resize
+# temporaries) or written (float alpha, background, colour, RGBA, preview),
+# and what one open H.264 encoder holds (x264's lookahead frames).
+BASE_HOST = 200 * 2 ** 20
+READ_BYTES_PER_PIXEL = 16
+WRITE_BYTES_PER_PIXEL = 128
+H264_BYTES_PER_PIXEL = 90  # with writers.X264_MEMORY
+# Output size per source pixel and frame, on the high side (PNG: raw size).
+DISK_BYTES_PER_PIXEL = {"png_rgba": 4.0, "png_rgb": 3.0, "h264": 0.3, "prores": 1.6, "webm": 0.5}
 
 
 @dataclass
@@ -28,10 +43,25 @@ class StagePlan:
     name: str
     weights: int
     activations: int
+    host: int = 0  # numpy buffers, decoders and encoders: host RAM outside MLX
+
+    @property
+    def mlx(self) -> int:
+        return self.weights + self.activations
 
     @property
     def peak(self) -> int:
-        return self.weights + self.activations
+        """On unified memory MLX and the host share one RAM: fit is judged on the sum."""
+        return self.mlx + self.host
+
+
+@dataclass
+class Outputs:
+    """What the run writes (the planner counts its encoders and disk space)."""
+
+    formats: tuple[str, ...] = ("png",)  # RGBA layer: png, prores, webm
+    background: str = "mp4"  # or png
+    preview: bool = True
 
 
 @dataclass
@@ -43,6 +73,7 @@ class RunPlan:
     steps: int
     tokens: int  # per DiT forward
     stages: list[StagePlan] = field(default_factory=list)
+    disk: int = 0  # predicted size of the outputs
 
     @property
     def peak(self) -> int:
@@ -56,12 +87,15 @@ class RunPlan:
             f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
             f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
             f"{self.tokens} tokens per forward",
-            f"{'stage':<28} {'weights GB':>10} {'activ. GB':>10} {'peak GB':>8}",
+            f"{'stage':<28} {'weights GB':>10} {'activ. GB':>10} {'MLX GB':>8} {'host GB':>8} {'sum GB':>8}",
         ]
         for s in self.stages:
-            lines.append(f"{s.name:<28} {s.weights / GB:>10.2f} {s.activations / GB:>10.2f} {s.peak / GB:>8.2f}")
-        lines.append(f"predicted peak {self.peak / GB:.2f} GB of {machine / GB:.1f} GB on this machine "
-                     f"({'fits' if self.fits(machine) else 'does NOT fit'})")
+            lines.append(f"{s.name:<28} {s.weights / GB:>10.2f} {s.activations / GB:>10.2f} {s.mlx / GB:>8.2f} "
+                         f"{s.host / GB:>8.2f} {s.peak / GB:>8.2f}")
+        lines.append(f"predicted peak {self.peak / GB:.2f} GB (MLX + host) of {machine / GB:.1f} GB on this "
+                     f"machine ({'fits' if self.fits(machine) else 'does NOT fit'})")
+        if self.disk:
+            lines.append(f"outputs: about {self.disk / GB:.2f} GB on disk")
         return "\n".join(lines)
 
     def fits(self, machine: int) -> bool:
@@ -79,8 +113,57 @@ def _dit_activations(cfg: dict, tokens: int, dtype_bytes: int) -> int:
     return stream + ffn_hidden + scores
 
 
+def _encoder_activations(cfg: dict, tokens: int, width: str, heads: str, ffn: str) -> int:
+    """One transformer encoder's inference peak in float32: a few residual-
+    stream tensors, the MLP's hidden layer and one layer's attention scores."""
+    return 4 * tokens * (cfg[width] * 12 + cfg[ffn] * 2) + 8 * cfg[heads] * tokens * tokens
+
+
+def kept_videos(mode: Mode, objects: int) -> tuple[int, int]:
+    """(RGB, alpha) model-grid videos a run keeps until it writes."""
+    backgrounds = 1 + (objects if objects > 1 else 0)
+    if mode is Mode.DECOMPOSE:
+        return objects, objects
+    return backgrounds, objects if mode is Mode.OPTIMIZE else 0
+
+
+def encoders(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> float:
+    """Video encoders open at once while writing, in source-size units (a
+    preview counts by its own size)."""
+    if mode is Mode.REMOVE:
+        return kept_videos(mode, objects)[0] * (outputs.background != "png")
+    pw, ph = panel_size(grid.src_width, grid.src_height)
+    preview = PANELS * pw * ph / (grid.src_width * grid.src_height) if outputs.preview else 0.0
+    return objects * (1 + (outputs.background != "png") + preview + sum(f != "png" for f in outputs.formats))
+
+
+def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> dict[str, int]:
+    """Host RAM per stage: the model-grid clip (kept for the run), the
+    conditioning arrays, the kept results, and the per-frame buffers of
+    reading and writing at the source's size."""
+    src, px = grid.src_width * grid.src_height, grid.width * grid.height
+    clip = BASE_HOST + grid.src_frames * px * (3 + objects)
+    cond = grid.frames * px * (3 * 4 + objects)  # float32 video, bool masks, padded
+    rgb, alpha = kept_videos(mode, objects)
+    kept = grid.src_frames * px * (3 * rgb + 4 * alpha)
+    writing = src * (WRITE_BYTES_PER_PIXEL * objects + H264_BYTES_PER_PIXEL * encoders(mode, grid, objects, outputs))
+    return {"read": clip + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
+            "decode": clip + cond + kept + grid.frames * px * 3 * 4, "write": clip + kept + int(writing)}
+
+
+def disk_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> int:
+    """The outputs' size, on the high side."""
+    frame = grid.src_width * grid.src_height * grid.src_frames
+    bpp = DISK_BYTES_PER_PIXEL
+    background = bpp["png_rgb"] if outputs.background == "png" else bpp["h264"]
+    if mode is Mode.REMOVE:
+        return int(frame * background * kept_videos(mode, objects)[0])
+    layer = sum(bpp["png_rgba" if f == "png" else f] for f in outputs.formats)
+    return int(frame * objects * (layer + bpp["h264"] * (1 + outputs.preview) + background))
+
+
 def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
-             prompt_cached: bool = False) -> RunPlan:
+             prompt_cached: bool = False, outputs: Outputs | None = None) -> RunPlan:
     cfg = read_config(bundle.path("transformer"))
     lat_w, lat_h = grid.latent_size
     window_frames = min(grid.latent_frames, settings.window)
@@ -90,23 +173,33 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     dit_weights = bundle.weight_bytes("transformer")
     if settings.dtype == "float32" and cfg.get("dtype") != "float32" and not cfg.get("quantization"):
         dit_weights *= 2  # cast up at load (packed quantized weights stay as they are)
-    pixels = grid.width * grid.height
     vae_cfg = read_config(bundle.path("vae"))
     vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
-    out_bytes = grid.frames * pixels * 3 * 4 * (1 + halves)
-    run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens)
+    outputs = outputs or Outputs()
+    t5_cfg, clip_cfg = read_config(bundle.path("t5")), read_config(bundle.path("clip"))
+    clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
+    host = host_bytes(mode, grid, objects, outputs)
+    run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens,
+                  disk=disk_bytes(mode, grid, objects, outputs))
     run.stages = [
-        StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"), 0 if prompt_cached else GB // 2),
-        StagePlan("image encoder", bundle.weight_bytes("clip"), GB // 8),
-        _vae_stage("encode", grid, vae_cfg, vae_weights, settings, grid.frames * pixels * 3 * 4),
-        StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes),
-        _vae_stage("decode", grid, vae_cfg, vae_weights, settings, out_bytes),
+        StagePlan("read video", 0, 0, host["read"]),
+        StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"),
+                  0 if prompt_cached else _encoder_activations(t5_cfg, TEXT_TOKENS, "d_model", "num_heads", "d_ff"),
+                  host["model"]),
+        StagePlan("image encoder", bundle.weight_bytes("clip"),
+                  _encoder_activations(clip_cfg, clip_tokens, "width", "heads", "mlp_dim"), host["model"]),
+        _vae_stage("encode", grid, vae_cfg, vae_weights, settings, 0, host["model"]),
+        StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes,
+                  host["model"]),
+        _vae_stage("decode", grid, vae_cfg, vae_weights, settings, 0, host["decode"]),
+        StagePlan("write", 0, 0, host["write"]),
     ]
     return run
 
 
-def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Settings, buffers: int) -> StagePlan:
+def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Settings, buffers: int,
+               host: int) -> StagePlan:
     """Peak of one VAE pass over a frame (or the tile the run would pick)."""
     dtype = mx.float32 if cfg.get("dtype", "float32") == "float32" else mx.bfloat16
     base = cfg.get("base_dim", 96)
@@ -120,7 +213,7 @@ def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Se
         tiles = vae_tiling.choose_tiling(h, w, vae_budget(settings), estimate)
         h, w = min(h, tiles.height), min(w, tiles.width)
         name += f" ({w}x{h} tiles)"
-    return StagePlan(name, weights, estimate(h, w) - weights + buffers)
+    return StagePlan(name, weights, estimate(h, w) - weights + buffers, host)
 
 
 def check_fits(run: RunPlan, machine: int, settings: Settings) -> None:

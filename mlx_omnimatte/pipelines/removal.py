@@ -12,7 +12,8 @@ import numpy as np
 
 from ..branch.attention import make_attn_fn
 from ..bundle import Bundle
-from ..io.grid import from_model_grid
+from ..compositing import to_uint8
+from ..io.grid import GridVideo
 from ..io.inputs import Clip
 from ..progress import Report
 from .conditioning import model_input
@@ -46,7 +47,7 @@ def dit_velocity(dit, y: mx.array, ctx: mx.array):
 
 def run_removal(clip: Clip, bundle: Bundle, settings: Settings, report: Report = None,
                 targets: list[Trajectory] | None = None) -> dict[str, np.ndarray]:
-    """label -> background float32 [T, H, W, 3] in [0, 1] on the source grid."""
+    """label -> background (uint8 model-grid frames standing for the source grid)."""
     spec = ModeSpec(targets or removal_targets(clip.names), dit_velocity)
     plan, decoded = run_stages(clip, bundle, spec, settings, report, decode_as=("",))
-    return {label: from_model_grid(videos[""], plan) for label, videos in decoded.items()}
+    return {label: GridVideo.of(to_uint8(videos[""]), plan) for label, videos in decoded.items()}

@@ -74,7 +74,7 @@ def encode_conditioning(clip: Clip, bundle: Bundle, vae, settings: Settings, rep
     context = encode_prompts(bundle.path("t5"), [clip.caption or ""], settings.cache_dir, report=report)[0]
     context = mx.array(context)[None]
     free()
-    clip_fea = clip_features(bundle.path("clip"), clip.frames[0], report=report)
+    clip_fea = clip_features(bundle.path("clip"), clip.first_frame, report=report)
     mx.eval(clip_fea)
     free()
     cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings),

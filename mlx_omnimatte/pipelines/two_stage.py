@@ -11,8 +11,9 @@ Generative Omnimatte's per-layer optimization (`optimize.py`).
   problem with solo = the clip, several are fitted jointly front to back.
 
 The fitted alpha is resized to the source grid and the colour is solved there
-in closed form against the background, so the layers recompose the source
-exactly where alpha > 0 (what the reference's detail transfer aims at).
+in closed form against the background, frame by frame as the layers are
+written, so they recompose the source exactly where alpha > 0 (what the
+reference's detail transfer aims at).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..bundle import Bundle
-from ..compositing import solve_foreground
-from ..io.grid import from_model_grid, plan_grid, resize_frames, resize_masks
+from ..compositing import as_float
+from ..io.grid import GridVideo, plan_grid, resize_frames, resize_masks
 from ..io.inputs import Clip
 from ..io.masks import binarize_mask
 from ..progress import Report
-from .omnimatte import Layers
-from .optimize import OptimizeSettings, fit_plate, optimize_layer, run_clean_plate
+from .omnimatte import LayerVideos
+from .optimize import OptimizeSettings, optimize_layer, run_clean_plate
 from .removal import ALL, run_removal
 from .settings import Settings
 from .stages import Trajectory
@@ -43,8 +44,15 @@ def solo_targets(names: list[str]) -> list[Trajectory]:
 
 
 def _working(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """float32 [T, H, W, 3] in [0, 1] at the working size."""
-    return resize_frames(frames.astype(np.float32) / (255.0 if frames.dtype == np.uint8 else 1.0), size, "area")
+    """float32 [T, H, W, 3] in [0, 1] at the working size, frame by frame (a
+    source-size video is never converted whole; a still plate, a broadcast
+    view, is resized once)."""
+    if frames.strides[0] == 0:
+        return np.broadcast_to(resize_frames(as_float(frames[:1]), size, "area"), (len(frames), size[1], size[0], 3))
+    out = np.empty((len(frames), size[1], size[0], 3), dtype=np.float32)
+    for t in range(len(frames)):
+        out[t] = resize_frames(as_float(frames[t:t + 1]), size, "area")[0]
+    return out
 
 
 def _object_masks(clip: Clip, size: tuple[int, int]) -> list[np.ndarray]:
@@ -55,14 +63,10 @@ def _object_masks(clip: Clip, size: tuple[int, int]) -> list[np.ndarray]:
     return [binarize_mask(resize_masks(m, size, "area")) for m in clip.masks]
 
 
-def _to_layers(clip: Clip, plan, alphas: list[np.ndarray], background: np.ndarray) -> dict[str, Layers]:
-    """Working-size alphas -> Layers on the source grid (closed-form colour)."""
-    src = clip.frames.astype(np.float32) / 255.0
-    layers = {}
-    for name, alpha in zip(clip.names, alphas):
-        a = np.clip(from_model_grid(alpha[..., None], plan)[..., 0], 0.0, 1.0)
-        layers[name] = Layers(a, solve_foreground(src, a, background), background)
-    return layers
+def _to_layers(clip: Clip, alphas: list[np.ndarray], background: GridVideo) -> dict[str, LayerVideos]:
+    """Working-grid alphas over the background, as the writers stream them."""
+    return {name: LayerVideos(GridVideo(np.clip(a, 0.0, 1.0), clip.size), background)
+            for name, a in zip(clip.names, alphas)}
 
 
 def working_plan(clip: Clip, settings: Settings):
@@ -72,27 +76,28 @@ def working_plan(clip: Clip, settings: Settings):
 
 
 def run_optimize(clip: Clip, bundle: Bundle, settings: Settings, opt: OptimizeSettings,
-                 report: Report = None) -> dict[str, Layers]:
+                 report: Report = None) -> dict[str, LayerVideos]:
     """Casper removal, then one optimization per object."""
     videos = run_removal(clip, bundle, settings, report, solo_targets(clip.names))
-    background = videos[ALL]
-    plan = working_plan(clip, settings)
-    bg = _working(background, plan.size)
-    masks = _object_masks(clip, plan.size)
+    size = working_plan(clip, settings).size
+    bg = _working(videos[ALL].frames, size)
+    masks = _object_masks(clip, size)
     alphas = []
     for i, name in enumerate(clip.names):
-        solo = videos.get(f"solo_{name}", clip.frames)
-        alpha, _ = optimize_layer(_working(solo, plan.size), bg, masks[i], opt, report)
+        solo = videos[f"solo_{name}"].frames if f"solo_{name}" in videos else clip.frames
+        alpha, _ = optimize_layer(_working(solo, size), bg, masks[i], opt, report)
         alphas.append(alpha)
-    return _to_layers(clip, plan, alphas, background)
+    return _to_layers(clip, alphas, videos[ALL])
 
 
-def run_with_plate(clip: Clip, plate: np.ndarray, settings: Settings, opt: OptimizeSettings,
-                   fit: str | None = None, report: Report = None) -> dict[str, Layers]:
-    """Layers against a clean plate: no model, no weights."""
-    background = fit_plate(plate, clip.num_frames, clip.size, fit)
-    background = background.astype(np.float32) / (255.0 if background.dtype == np.uint8 else 1.0)
-    plan = working_plan(clip, settings)
-    fitted = run_clean_plate(_working(clip.frames, plan.size), _object_masks(clip, plan.size),
-                             _working(background, plan.size), opt, report)
-    return _to_layers(clip, plan, [a for a, _ in fitted], background)
+def run_with_plate(clip: Clip, plate: np.ndarray, background, opt: OptimizeSettings,
+                   report: Report = None) -> dict[str, LayerVideos]:
+    """Layers against a clean plate: no model, no weights. ``plate``: on the
+    clip's grid ([T, h, w, 3], or one frame for a still plate);
+    ``background``: what is written (the plate at the source's size, frame
+    by frame)."""
+    if len(plate) == 1:
+        plate = np.broadcast_to(plate, (clip.num_frames,) + plate.shape[1:])
+    fitted = run_clean_plate(_working(clip.frames, clip.grid_size), _object_masks(clip, clip.grid_size),
+                             _working(plate, clip.grid_size), opt, report)
+    return _to_layers(clip, [a for a, _ in fitted], background)
