@@ -99,7 +99,8 @@ def test_one_adamw_step():
     nets.train()
     step = opt.make_step(nets, adam, (H, W), s)
     mean = float(mask.mean())
-    loss = step(mx.array(solo), mx.array(bg), mx.array(mask), mx.array([mean]), opt.step_weights(s, 0))
+    outside = mx.zeros((1, 1, 1, 1, 1))  # the reference: alpha pulled to 0 outside the mask
+    loss = step(mx.array(solo), mx.array(bg), mx.array(mask), outside, mx.array([mean]), opt.step_weights(s, 0))
     mx.eval(loss, nets.state)
     topt = torch.optim.AdamW(tm.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     ref_loss = reference_step(tm, topt, _t(solo), _t(bg), _t(mask[0]), mean)
