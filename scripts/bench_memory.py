@@ -3,7 +3,7 @@ bundle, `--size 128x64 --steps 1`) on a 1080p clip of 85 frames and of 4x
 that length, next to what `--dry-run` predicts per stage.
 
     python scripts/bench_memory.py --work /tmp/bench-memory [--frames 85] [--size 1920x1080]
-    python scripts/bench_memory.py --work /tmp/bench-memory --clip ../shared/data/examples/boys-beach
+    python scripts/bench_memory.py --work /tmp/bench-memory --clip ../shared/data/examples/boys-beach --grid 320x192
 
 Prints, per clip length: the planner's predicted peak (MLX + host) and the
 measured max RSS of the run (os.wait4 of the child process), and the ratio
@@ -79,14 +79,15 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=85)
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--clip", type=Path, default=None,
-                    help="measure this clip folder instead (one run, at the default grid)")
+                    help="measure this clip folder instead (one run)")
+    ap.add_argument("--grid", default=None, help="with --clip: the model grid WxH (default: the run's own)")
     a = ap.parse_args()
     size = tuple(int(v) for v in a.size.lower().split("x"))
     bundle = a.work / "bundle"
     if not bundle.exists():
         tiny_bundle(a.work)
     if a.clip is not None:
-        return measure(a.clip, bundle, a.work / "out_clip", [])
+        return measure(a.clip, bundle, a.work / "out_clip", ["--size", a.grid] if a.grid else [])
     figures = {}
     for n in (a.frames, 4 * a.frames):
         video, mask = write_clip(a.work / f"clip{n}", n, size)
