@@ -23,6 +23,7 @@ from ..weights import read_config
 from .settings import Mode, Settings, num_windows, vae_budget
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
 TEXT_TOKENS = 512  # the caption is encoded to this many tokens
+SCORE_PEAK = 1.25  # attention peak / one chunk's score elements x itemsize (measured, memory.py)
 
 
 # Host RAM outside MLX, from scripts/bench_memory.py (1080p and 640x384
@@ -30,8 +31,9 @@ TEXT_TOKENS = 512  # the caption is encoded to this many tokens
 # pixel what a frame costs while it is read (decoded uint8, area-resize
 # temporaries) or written (float alpha, background, colour, RGBA, preview),
 # and what one open H.264 encoder holds (x264's lookahead frames).
-BASE_HOST = 200 * 2 ** 20
-READ_BYTES_PER_PIXEL = 16
+BASE_HOST = 200 * 2 ** 20  # with the models' libraries in use
+READ_BASE = 80 * 2 ** 20  # before any model runs
+READ_BYTES_PER_PIXEL = 64
 WRITE_BYTES_PER_PIXEL = 128
 H264_BYTES_PER_PIXEL = 90  # with writers.X264_MEMORY
 # Output size per source pixel and frame, on the high side (PNG: raw size).
@@ -108,8 +110,9 @@ def _dit_activations(cfg: dict, tokens: int, dtype_bytes: int) -> int:
     ffn_hidden = tokens * ffn * max(dtype_bytes, 2) * 2
     if fused_attention():
         scores = 0
-    else:
-        scores = min(DEFAULT_ATTENTION_BUDGET, tokens * tokens * heads * (dtype_bytes + 4))
+    else:  # query chunks sized to the budget; the peak holds ~1.25x the chunk's scores in the input dtype
+        full = tokens * tokens * heads * (dtype_bytes + 4)
+        scores = int(min(DEFAULT_ATTENTION_BUDGET, full) * SCORE_PEAK * dtype_bytes / (dtype_bytes + 4))
     return stream + ffn_hidden + scores
 
 
@@ -147,7 +150,7 @@ def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> di
     rgb, alpha = kept_videos(mode, objects)
     kept = grid.src_frames * px * (3 * rgb + 4 * alpha)
     writing = src * (WRITE_BYTES_PER_PIXEL * objects + H264_BYTES_PER_PIXEL * encoders(mode, grid, objects, outputs))
-    return {"read": clip + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
+    return {"read": clip - BASE_HOST + READ_BASE + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
             "decode": clip + cond + kept + grid.frames * px * 3 * 4, "write": clip + kept + int(writing)}
 
 
