@@ -145,12 +145,13 @@ def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> di
     conditioning arrays, the kept results, and the per-frame buffers of
     reading and writing at the source's size."""
     src, px = grid.src_width * grid.src_height, grid.width * grid.height
-    clip = BASE_HOST + grid.src_frames * px * (3 + objects)
+    frames = grid.src_frames * px * (3 + objects)  # the model-grid clip, kept for the run
+    clip = BASE_HOST + frames
     cond = grid.frames * px * (3 * 4 + objects)  # float32 video, bool masks, padded
     rgb, alpha = kept_videos(mode, objects)
     kept = grid.src_frames * px * (3 * rgb + 4 * alpha)
     writing = src * (WRITE_BYTES_PER_PIXEL * objects + H264_BYTES_PER_PIXEL * encoders(mode, grid, objects, outputs))
-    return {"read": clip - BASE_HOST + READ_BASE + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
+    return {"read": READ_BASE + frames + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
             "decode": clip + cond + kept + grid.frames * px * 3 * 4, "write": clip + kept + int(writing)}
 
 
