@@ -10,11 +10,14 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.compose import FIT_MODES
 from mlx_omnimatte.io.inputs import resolve_clip
 from mlx_omnimatte.io.writers import check_output, check_space
-from mlx_omnimatte.pipelines.api import METHODS, REMOVE_TARGETS, Request, choose_mode, execute, prepare
+from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, choose_mode, execute,
+                                          prepare)
+from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
 from mlx_omnimatte.pipelines.optimize import OptimizeSettings
 from mlx_omnimatte.pipelines.outputs import listing, write_decomposition, write_removal
 from mlx_omnimatte.pipelines.plan import Outputs
 from mlx_omnimatte.pipelines.settings import Mode, settings_from
+from mlx_omnimatte.pipelines.two_stage import SOLVERS
 from mlx_omnimatte.progress import Progress
 
 # shared options of the two generating commands
@@ -75,11 +78,16 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
         if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
             click.echo(f"{spec.source}: no prompt.json and no --caption: an empty caption is used", err=True)
         if request.mode is not Mode.REMOVE:
-            method = "experts" if request.mode is Mode.DECOMPOSE else request.mode.value
-            click.echo(f"decompose method: {method}", err=True)
+            click.echo(f"decompose method: {method_line(request)}", err=True)
     if dry_run:
-        click.echo(prepared.plan.render(prepared.machine))
+        click.echo(prepared.render())
         return
+    if not quiet:
+        click.echo(f"estimated time on this machine: {format_seconds(prepared.seconds)} (an estimate; "
+                   f"--dry-run shows it per stage)", err=True)
+    advice = long_run_advice(prepared.seconds, request.mode, request.solver, request.solo)
+    if advice:
+        click.echo(advice, err=True)
     progress = Progress(enabled=not quiet)
     result = execute(prepared, progress)
     write(result, progress)
@@ -122,9 +130,17 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--layer-format", "formats", multiple=True, type=click.Choice(["png", "prores", "webm"]),
               help="RGBA layer as PNG frames (default), ProRes 4444 .mov, or VP9 .webm (repeatable).")
 @click.option("--no-preview", is_flag=True, help="Skip the side-by-side preview video.")
-@click.option("--method", type=click.Choice(METHODS), default=None,
-              help="experts: the dual-expert method; optimize: Casper removal, then a per-layer optimization "
-                   "(default: experts when the bundle has them, else optimize).")
+@click.option("--method", type=click.Choice(METHODS + tuple(METHOD_ALIASES)), default=None,
+              help="experts: the dual-expert method; two-stage (alias optimize): one removal pass gives the "
+                   "background, then the layer solver fits the layers over it (default: experts when the "
+                   "bundle has them, else two-stage).")
+@click.option("--layer-solver", "solver", type=click.Choice(SOLVERS), default="fast", show_default=True,
+              help="two-stage and clean plate: fast = closed-form layers from the background difference "
+                   "(seconds a clip); unet = Generative Omnimatte's per-layer U-Net optimization "
+                   "(--iterations, minutes to hours).")
+@click.option("--solo", is_flag=True,
+              help="two-stage: also one removal pass per object (it kept, the others removed), each layer "
+                   "fitted against its own; for scenes where one object's effect falls on another.")
 @click.option("--expert", "expert_args", multiple=True, metavar="KIND=DIR",
               help="Use this expert directory (e.g. one from `mlx-omnimatte train`) instead of the bundle's "
                    "(repeatable: effect=DIR, quality=DIR).")
@@ -133,22 +149,24 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--fit", type=click.Choice(FIT_MODES), default=None,
               help="Fit a clean plate of another size or length: stretch, crop or loop.")
 @click.option("--iterations", type=click.IntRange(0), default=OptimizeSettings.iterations, show_default=True,
-              help="Optimization steps per layer (optimize and clean-plate); the reference's schedule "
+              help="U-Net optimization steps (--layer-solver unet); the reference's schedule "
                    "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it.")
 @click.option("--batch-frames", type=click.IntRange(1), default=OptimizeSettings.batch_frames, show_default=True,
               help="Consecutive frames per optimization step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=OptimizeSettings.lr, show_default=True,
               help="AdamW learning rate of the optimization.")
 def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet, bg_format, formats,
-              no_preview, method, expert_args, plate, fit, iterations, batch_frames, lr, **settings):
+              no_preview, method, solver, solo, expert_args, plate, fit, iterations, batch_frames, lr, **settings):
     """Split a video into per-object layers: alpha with the object's effects,
     foreground colour, and the clean background.
 
     \b
     Examples:
       mlx-omnimatte decompose clips/boys-beach --bundle models/omnimatte-1.3b -o out/beach
-      mlx-omnimatte decompose clips/boys-beach --bundle models/casper-1.3b --method optimize -o out/beach
+      mlx-omnimatte decompose clips/boys-beach --bundle models/casper-1.3b --method two-stage -o out/beach
       mlx-omnimatte decompose clips/synth --clean-plate clips/synth/truth/background -o out/synth
+      mlx-omnimatte decompose clips/synth --clean-plate clips/synth/truth/background --layer-solver unet \\
+          --iterations 300 -o out/synth-unet
       mlx-omnimatte decompose clips/synth --bundle models/casper-1.3b --expert quality=experts/quality \\
           --tau 1 -o out/trained
       mlx-omnimatte decompose video.mp4 --mask cat.mp4 --bundle models/omnimatte-1.3b -o out/cat \\
@@ -157,7 +175,7 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
     request = _request(Mode.DECOMPOSE, input, masks, caption, bundle, frames, **settings)
     # the reference's step schedule (lr drops, end of mask supervision) scales with --iterations
     request.optimize = OptimizeSettings(batch_frames=batch_frames, lr=lr).scaled(iterations)
-    request.plate, request.fit = plate, fit
+    request.plate, request.fit, request.solver, request.solo = plate, fit, solver, solo
     request.expert_dirs = dict(_kind_dir(a) for a in expert_args)
     request.mode = choose_mode(request, method)
     request.outputs = Outputs(tuple(formats) or ("png",), bg_format, not no_preview)
@@ -167,6 +185,17 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
         write_decomposition(out, request.clip, layers, o.formats, o.background, o.preview, overwrite, report=progress)
 
     _execute(request, out, dry_run, overwrite, quiet, write)
+
+
+def method_line(request: Request) -> str:
+    """What runs, for the run header: the method and its layer solver."""
+    if request.mode is Mode.DECOMPOSE:
+        return "experts"
+    solver = request.solver if request.solver == "fast" else f"unet, {request.optimize.iterations} iterations"
+    if request.mode is Mode.PLATE:
+        return f"clean-plate (layer solver: {solver})"
+    passes = "one removal pass per object and one for all" if request.solo else "one removal pass for all objects"
+    return f"two-stage ({passes}, then layer solver: {solver})"
 
 
 def _kind_dir(arg: str) -> tuple[str, Path]:

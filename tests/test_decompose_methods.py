@@ -41,7 +41,7 @@ def test_optimize_on_boys_beach(casper, tmp_path, capsys):
                              "--frames", "9", "--iterations", "3", "--batch-frames", "4",
                              "--layer-format", "png", "--layer-format", "webm"], capsys)
     assert code == 0, err
-    assert "decompose method: optimize" in err  # the bundle has no experts: chosen and said
+    assert "decompose method: two-stage (one removal pass for all objects" in err  # the bundle has no experts: chosen and said
     src = probe_video(EXAMPLES / "boys-beach" / "input_video.mp4")
     for name in ("00", "01"):
         folder = out / f"object_{name}"

@@ -20,6 +20,7 @@ LAYERS = {
     "mlx_omnimatte.errors": 0,
     "mlx_omnimatte.memory": 1, "mlx_omnimatte.compositing": 1,
     "mlx_omnimatte.progress": 2, "mlx_omnimatte.models.base": 2, "mlx_omnimatte.metrics": 2,
+    "mlx_omnimatte.layer_solver": 2,
     "mlx_omnimatte.models": 3,
     "mlx_omnimatte.weights": 4, "mlx_omnimatte.sampling": 4, "mlx_omnimatte.io": 4,
     "mlx_omnimatte.bundle": 5, "mlx_omnimatte.branch": 5, "mlx_omnimatte.prompts": 5,

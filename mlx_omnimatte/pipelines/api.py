@@ -24,19 +24,21 @@ from ..io.compose import FIT_MODES
 from ..io.grid import GridVideo, plan_grid, resize_frames
 from ..io.inputs import ClipSpec, read_clip, read_frames, resolve_clip
 from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
-from ..memory import GB, machine_memory
+from ..memory import machine_memory
 from ..weights import read_config
 from ..progress import Progress, Report
 from ..prompts import prompt_cached
 from .omnimatte import Layers, run_decompose
 from .optimize import OptimizeSettings, fit_plate
-from .plan import Outputs, RunPlan, check_fits, disk_bytes, plan_run
+from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs
+from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
 from .settings import Mode, Settings, experts_needed, settings_from
-from .two_stage import run_optimize, run_with_plate
+from .two_stage import SOLVERS, run_two_stage, run_with_plate, solo_targets
 
 REMOVE_TARGETS = ("all", "each", "both")
-METHODS = ("experts", "optimize")
+METHODS = ("experts", "two-stage")
+METHOD_ALIASES = {"optimize": "two-stage"}  # the name before the fast solver: it no longer always optimizes
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Request:
     fit: str | None = None  # how a plate of another size or length is fitted
     expert_dirs: dict = field(default_factory=dict)  # kind -> expert directory, over the bundle's
     outputs: Outputs = field(default_factory=Outputs)  # what will be written (planned: encoders, disk)
+    solver: str = "fast"  # two-stage and clean plate: the layer solver (fast | unet)
+    solo: bool = False  # two-stage: one removal trajectory per object as well
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -60,30 +64,22 @@ class Request:
 
 
 @dataclass
-class PlatePlan:
-    """What a clean-plate run will do (no model, so no memory stages)."""
-
-    spec: ClipSpec
-    size: tuple[int, int]
-    settings: OptimizeSettings
-    disk: int = 0  # predicted size of the outputs
-
-    def render(self, machine: int) -> str:
-        i = self.spec.info
-        return "\n".join([
-            f"mode: clean-plate, {self.spec.num_objects} object(s), no model weights",
-            f"source: {i.width}x{i.height}, {i.frames} frames -> working grid {self.size[0]}x{self.size[1]}",
-            f"optimization: {self.settings.iterations} iterations of {self.settings.batch_frames}-frame windows",
-            f"outputs: about {self.disk / GB:.2f} GB on disk",
-        ])
-
-
-@dataclass
 class Prepared:
     request: Request
     bundle: Bundle | None
-    plan: RunPlan | PlatePlan
+    plan: RunPlan
     machine: int
+    costs: list[StageCost] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.costs)
+
+    def render(self) -> str:
+        """The plan as `--dry-run` prints it: memory per stage, then time."""
+        lines = [self.plan.render(self.machine), *render_costs(self.costs)]
+        advice = long_run_advice(self.seconds, self.request.mode, self.request.solver, self.request.solo)
+        return "\n".join(lines + ([advice] if advice else []))
 
 
 def choose_mode(request: Request, method: str | None) -> Mode:
@@ -93,6 +89,7 @@ def choose_mode(request: Request, method: str | None) -> Mode:
         return Mode.PLATE
     if request.bundle is None:
         raise OmnimatteError("decompose: give --bundle (a converted model bundle) or --clean-plate PLATE")
+    method = METHOD_ALIASES.get(method, method)
     if method not in (None, *METHODS):
         raise OmnimatteError(f"--method {method}: unknown (one of {', '.join(METHODS)})")
     have = {**open_bundle(request.bundle, ("transformer",)).experts, **request.expert_dirs}
@@ -100,10 +97,10 @@ def choose_mode(request: Request, method: str | None) -> Mode:
     if method == "experts" and not all(k in have for k in need):
         missing = ", ".join(k for k in need if k not in have)
         raise OmnimatteError(f"--method experts: the bundle {request.bundle} has no {missing} expert "
-                             "(use --method optimize, or add experts with `mlx-omnimatte convert`)")
+                             "(use --method two-stage, or add experts with `mlx-omnimatte convert`)")
     if method is None:
-        method = "experts" if all(k in have for k in need) else "optimize"
-    return Mode.DECOMPOSE if method == "experts" else Mode.OPTIMIZE
+        method = "experts" if all(k in have for k in need) else "two-stage"
+    return Mode.DECOMPOSE if method == "experts" else Mode.TWO_STAGE
 
 
 def check_plate(path: Path, spec: ClipSpec, fit: str | None) -> None:
@@ -158,41 +155,64 @@ def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
 def prepare(request: Request) -> Prepared:
     """Every check that needs no weights (bundle, experts' fit, plate), and the plan."""
     s, info = request.settings, request.clip.info
+    if request.solver not in SOLVERS:
+        raise OmnimatteError(f"layer solver {request.solver!r}: unknown (one of {', '.join(SOLVERS)})")
     if request.mode is Mode.PLATE:
         check_plate(request.plate, request.clip, request.fit)
         grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=1)
-        disk = disk_bytes(Mode.PLATE, grid, request.clip.num_objects, request.outputs)
-        return Prepared(request, None, PlatePlan(request.clip, grid.size, request.optimize, disk), machine_memory())
+        plan = plan_plate(grid, request.clip.num_objects, request.solver, request.optimize, request.outputs)
+        req = cost_request(request)
+        costs = run_costs(req, grid, machine_rates(probes_for(req)))
+        return Prepared(request, None, plan, machine_memory(), costs)
     b = with_experts(open_bundle(request.bundle, COMPONENTS), request.expert_dirs)
     transformer = read_config(b.path("transformer"))
     for kind in request.experts:
         check_expert_fits(b.expert(kind), transformer)
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
     cached = prompt_cached(b.path("t5"), request.clip.caption or "", s.cache_dir)
-    plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs)
-    return Prepared(request, b, plan, machine_memory())
+    plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs,
+                    trajectories(request))
+    req = cost_request(request)
+    costs = run_costs(req, grid, machine_rates(probes_for(req)), b, s, plan.windows, plan.tokens, cached)
+    return Prepared(request, b, plan, machine_memory(), costs)
+
+
+def trajectories(request: Request) -> int:
+    """Denoising trajectories the run samples."""
+    names, r = request.clip.names, request.targets
+    if request.mode is Mode.REMOVE:
+        return len(removal_targets(names, per_object=r != "all", all_objects=r != "each"))
+    if request.mode is Mode.TWO_STAGE:
+        return len(solo_targets(names)) if request.solo else 1
+    return len(names)
+
+
+def cost_request(request: Request) -> CostRequest:
+    plate_video = request.plate is not None and not (request.plate.is_file()
+                                                      and request.plate.suffix.lower() in IMAGE_EXTENSIONS)
+    solver = request.solver if request.mode in (Mode.PLATE, Mode.TWO_STAGE) else "none"
+    return CostRequest(request.mode, request.clip.num_objects, solver, request.optimize,
+                       trajectories(request) if request.mode is not Mode.PLATE else 0, plate_video)
 
 
 def grid_size(prepared: Prepared) -> tuple[int, int]:
     """The (W, H) the clip is read at: the model grid (or the working grid)."""
-    plan = prepared.plan
-    return plan.size if isinstance(plan, PlatePlan) else plan.grid.size
+    return prepared.plan.grid.size
 
 
 def execute(prepared: Prepared, report: Report = None) -> dict:
     """Check the plan fits, read the clip onto the model grid, run: removal ->
     {label: GridVideo}, the decompositions -> {name: LayerVideos}."""
     r = prepared.request
-    if r.mode is not Mode.PLATE:
-        check_fits(prepared.plan, prepared.machine, r.settings)
+    check_fits(prepared.plan, prepared.machine, r.settings)
     clip = read_clip(r.clip, grid_size(prepared), report)
     if r.mode is Mode.PLATE:
         working, background = read_plate(r.plate, r.clip, grid_size(prepared), r.fit)
-        return run_with_plate(clip, working, background, r.optimize, report)
+        return run_with_plate(clip, working, background, r.optimize, report, r.solver)
     if r.mode is Mode.DECOMPOSE:
         return run_decompose(clip, prepared.bundle, r.settings, report, kinds=r.experts)
-    if r.mode is Mode.OPTIMIZE:
-        return run_optimize(clip, prepared.bundle, r.settings, r.optimize, report)
+    if r.mode is Mode.TWO_STAGE:
+        return run_two_stage(clip, prepared.bundle, r.settings, r.optimize, report, r.solver, r.solo)
     targets = removal_targets(clip.names, per_object=r.targets != "all", all_objects=r.targets != "each")
     return run_removal(clip, prepared.bundle, r.settings, report, targets)
 
@@ -214,17 +234,21 @@ def remove(video, masks=None, *, bundle, caption=None, frames=None, objects: str
 def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, method: str | None = None,
               experts: dict | None = None, clean_plate=None, fit: str | None = None,
               iterations: int | None = None, batch_frames: int | None = None, lr: float | None = None,
-              progress: bool = False, **settings) -> dict[str, Layers]:
+              layer_solver: str = "fast", solo: bool = False, progress: bool = False,
+              **settings) -> dict[str, Layers]:
     """object name -> Layers(alpha, foreground, background), on the source grid.
-    `method`: "experts" or "optimize" (default: experts when the bundle has
-    them); `experts`: {kind: expert directory} over the bundle's;
-    `clean_plate`: a background video or image, then no bundle is needed."""
+    `method`: "experts" or "two-stage" (alias "optimize"; default: experts
+    when the bundle has them); `experts`: {kind: expert directory} over the
+    bundle's; `clean_plate`: a background video or image, then no bundle is
+    needed; `layer_solver`: "fast" or "unet" (two-stage and clean plate);
+    `solo`: two-stage with one removal pass per object as well."""
     opt = OptimizeSettings(**{k: v for k, v in (("batch_frames", batch_frames), ("lr", lr)) if v is not None})
     opt = opt.scaled(iterations) if iterations is not None else opt  # the schedule scales with the run
     request = Request(Mode.DECOMPOSE, resolve_clip(video, masks or (), caption, frames),
                       Path(bundle) if bundle is not None else None, settings_from(**settings), optimize=opt,
                       plate=Path(clean_plate) if clean_plate is not None else None, fit=fit,
-                      expert_dirs={k: Path(v) for k, v in (experts or {}).items()})
+                      expert_dirs={k: Path(v) for k, v in (experts or {}).items()}, solver=layer_solver,
+                      solo=solo)
     request.mode = choose_mode(request, method)
     layers = execute(prepare(request), Progress(enabled=progress))
     source = as_float(source_frames(request.clip))

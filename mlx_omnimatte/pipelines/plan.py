@@ -36,6 +36,8 @@ READ_BASE = 80 * 2 ** 20  # before any model runs
 READ_BYTES_PER_PIXEL = 64
 WRITE_BYTES_PER_PIXEL = 128
 H264_BYTES_PER_PIXEL = 90  # with writers.X264_MEMORY
+SOLVER_BYTES_PER_PIXEL = 400  # the fast solver's float32 temporaries for one frame
+UNET_BYTES_PER_PIXEL = 3000  # U-Net activations, gradients and compiled buffers per frame pixel
 # Output size per source pixel and frame, on the high side (PNG: raw size).
 DISK_BYTES_PER_PIXEL = {"png_rgba": 4.0, "png_rgb": 3.0, "h264": 0.3, "prores": 1.6, "webm": 0.5}
 
@@ -83,12 +85,19 @@ class RunPlan:
 
     def render(self, machine: int) -> str:
         g = self.grid
-        lines = [
-            f"mode: {self.mode.value}, {self.objects} object(s)",
-            f"source: {g.src_width}x{g.src_height}, {g.src_frames} frames -> model grid {g.width}x{g.height}, "
-            f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
-            f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
-            f"{self.tokens} tokens per forward",
+        if self.mode is Mode.PLATE:
+            lines = [f"mode: clean-plate, {self.objects} object(s), no model weights",
+                     f"source: {g.src_width}x{g.src_height}, {g.src_frames} frames -> working grid "
+                     f"{g.width}x{g.height}"]
+        else:
+            lines = [
+                f"mode: {self.mode.value}, {self.objects} object(s)",
+                f"source: {g.src_width}x{g.src_height}, {g.src_frames} frames -> model grid {g.width}x{g.height}, "
+                f"{g.frames} frames ({g.latent_frames} latent frames, {g.pad_frames} padded)",
+                f"denoising: {self.steps} steps x {self.windows} window(s) per trajectory, "
+                f"{self.tokens} tokens per forward",
+            ]
+        lines += [
             f"{'stage':<28} {'weights GB':>10} {'activ. GB':>10} {'MLX GB':>8} {'host GB':>8} {'sum GB':>8}",
         ]
         for s in self.stages:
@@ -122,25 +131,25 @@ def _encoder_activations(cfg: dict, tokens: int, width: str, heads: str, ffn: st
     return 4 * tokens * (cfg[width] * 12 + cfg[ffn] * 2) + 8 * cfg[heads] * tokens * tokens
 
 
-def kept_videos(mode: Mode, objects: int) -> tuple[int, int]:
-    """(RGB, alpha) model-grid videos a run keeps until it writes."""
-    backgrounds = 1 + (objects if objects > 1 else 0)
+def kept_videos(mode: Mode, objects: int, trajectories: int = 1) -> tuple[int, int]:
+    """(RGB, alpha) model-grid videos a run keeps until it writes: one
+    background per removal trajectory (a clean plate: one)."""
     if mode is Mode.DECOMPOSE:
         return objects, objects
-    return backgrounds, objects if mode is Mode.OPTIMIZE else 0
+    return trajectories, objects if mode in (Mode.TWO_STAGE, Mode.PLATE) else 0
 
 
-def encoders(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> float:
+def encoders(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs, trajectories: int = 1) -> float:
     """Video encoders open at once while writing, in source-size units (a
     preview counts by its own size)."""
     if mode is Mode.REMOVE:
-        return kept_videos(mode, objects)[0] * (outputs.background != "png")
+        return kept_videos(mode, objects, trajectories)[0] * (outputs.background != "png")
     pw, ph = panel_size(grid.src_width, grid.src_height)
     preview = PANELS * pw * ph / (grid.src_width * grid.src_height) if outputs.preview else 0.0
     return objects * (1 + (outputs.background != "png") + preview + sum(f != "png" for f in outputs.formats))
 
 
-def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> dict[str, int]:
+def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs, trajectories: int = 1) -> dict[str, int]:
     """Host RAM per stage: the model-grid clip (kept for the run), the
     conditioning arrays, the kept results, and the per-frame buffers of
     reading and writing at the source's size."""
@@ -148,26 +157,47 @@ def host_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> di
     frames = grid.src_frames * px * (3 + objects)  # the model-grid clip, kept for the run
     clip = BASE_HOST + frames
     cond = grid.frames * px * (3 * 4 + objects)  # float32 video, bool masks, padded
-    rgb, alpha = kept_videos(mode, objects)
+    rgb, alpha = kept_videos(mode, objects, trajectories)
     kept = grid.src_frames * px * (3 * rgb + 4 * alpha)
-    writing = src * (WRITE_BYTES_PER_PIXEL * objects + H264_BYTES_PER_PIXEL * encoders(mode, grid, objects, outputs))
+    writing = src * (WRITE_BYTES_PER_PIXEL * objects
+                     + H264_BYTES_PER_PIXEL * encoders(mode, grid, objects, outputs, trajectories))
     return {"read": READ_BASE + frames + src * READ_BYTES_PER_PIXEL, "model": clip + cond,
             "decode": clip + cond + kept + grid.frames * px * 3 * 4, "write": clip + kept + int(writing)}
 
 
-def disk_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs) -> int:
+def disk_bytes(mode: Mode, grid: GridPlan, objects: int, outputs: Outputs, trajectories: int = 1) -> int:
     """The outputs' size, on the high side."""
     frame = grid.src_width * grid.src_height * grid.src_frames
     bpp = DISK_BYTES_PER_PIXEL
     background = bpp["png_rgb"] if outputs.background == "png" else bpp["h264"]
     if mode is Mode.REMOVE:
-        return int(frame * background * kept_videos(mode, objects)[0])
+        return int(frame * background * kept_videos(mode, objects, trajectories)[0])
     layer = sum(bpp["png_rgba" if f == "png" else f] for f in outputs.formats)
     return int(frame * objects * (layer + bpp["h264"] * (1 + outputs.preview) + background))
 
 
+def plan_plate(grid: GridPlan, objects: int, solver: str, opt, outputs: Outputs | None = None) -> RunPlan:
+    """A clean-plate run: no model; the clip, plate and alphas on the working
+    grid, the solver's per-frame buffers (or the U-Net's float copies and
+    activations), and the writers."""
+    outputs = outputs or Outputs()
+    host = host_bytes(Mode.PLATE, grid, objects, outputs)
+    px, frames = grid.width * grid.height, grid.src_frames
+    plate = frames * px * 3
+    if solver == "fast":
+        solve, mlx_bytes = plate + px * SOLVER_BYTES_PER_PIXEL, 0
+    else:  # float32 copies of the clip and plate, masks and priors
+        solve = plate + frames * px * 4 * (6 + 2 * objects)
+        mlx_bytes = min(opt.batch_frames, frames) * px * UNET_BYTES_PER_PIXEL * objects
+    run = RunPlan(Mode.PLATE, grid, objects, 0, 0, 0, disk=disk_bytes(Mode.PLATE, grid, objects, outputs))
+    run.stages = [StagePlan("read video", 0, 0, host["read"] + plate),
+                  StagePlan("solve layers" if solver == "fast" else "optimize", 0, mlx_bytes, host["write"] + solve),
+                  StagePlan("write", 0, 0, host["write"] + plate)]
+    return run
+
+
 def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
-             prompt_cached: bool = False, outputs: Outputs | None = None) -> RunPlan:
+             prompt_cached: bool = False, outputs: Outputs | None = None, trajectories: int = 1) -> RunPlan:
     cfg = read_config(bundle.path("transformer"))
     lat_w, lat_h = grid.latent_size
     window_frames = min(grid.latent_frames, settings.window)
@@ -183,9 +213,9 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     outputs = outputs or Outputs()
     t5_cfg, clip_cfg = read_config(bundle.path("t5")), read_config(bundle.path("clip"))
     clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
-    host = host_bytes(mode, grid, objects, outputs)
+    host = host_bytes(mode, grid, objects, outputs, trajectories)
     run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens,
-                  disk=disk_bytes(mode, grid, objects, outputs))
+                  disk=disk_bytes(mode, grid, objects, outputs, trajectories))
     run.stages = [
         StagePlan("read video", 0, 0, host["read"]),
         StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"),

@@ -19,8 +19,8 @@ SEED_LIMIT = 1 << 64
 class Mode(str, Enum):
     REMOVE = "remove"  # Casper backgrounds
     DECOMPOSE = "decompose"  # dual-expert layers (decompose --method experts)
-    OPTIMIZE = "optimize"  # Casper backgrounds, then per-layer optimization
-    PLATE = "clean-plate"  # per-layer optimization against a given plate: no model
+    TWO_STAGE = "two-stage"  # a removal model's background, then the layers over it
+    PLATE = "clean-plate"  # the layers over a given plate: no model
 
     @property
     def halves(self) -> int:

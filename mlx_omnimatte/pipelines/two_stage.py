@@ -1,18 +1,20 @@
-"""Layers with the public weights (`decompose --method optimize`) or with no
-weights at all (`decompose --clean-plate`): a background first, then
-Generative Omnimatte's per-layer optimization (`optimize.py`).
+"""Layers over a known background: a removal model's (`decompose --method
+two-stage`, alias `optimize`) or the user's clean plate (`decompose
+--clean-plate`, no weights at all).
 
-* optimize: Casper removal gives the background (every object removed) and,
-  with several objects, one solo video per object (that object kept, the
-  others removed); for a single object the solo video is the input itself.
-  Each layer is then fitted against its solo video over the background on
-  the model grid.
-* clean plate: the user's plate is the background; one object is the same
-  problem with solo = the clip, several are fitted jointly front to back.
+* two-stage: one removal trajectory gives the background with every object
+  removed; the layers are fitted jointly against it, front to back in mask
+  order. With ``solo`` (the reference's way), one more trajectory per object
+  keeps that object and removes the others, and each layer is fitted alone
+  against its solo video.
+* clean plate: the user's plate is the background; the layers are fitted
+  jointly against it.
 
-The fitted alpha is resized to the source grid and the colour is solved there
-in closed form against the background, frame by frame as the layers are
-written, so they recompose the source exactly where alpha > 0 (what the
+The layer solver is `layer_solver` (fast, closed form, the default) or
+Generative Omnimatte's per-layer U-Net optimization (`optimize.py`,
+``unet``). The alpha is resized to the source grid and the colour is solved
+there in closed form against the background, frame by frame as the layers
+are written, so they recompose the source exactly where alpha > 0 (what the
 reference's detail transfer aims at).
 """
 
@@ -22,15 +24,19 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..compositing import as_float
-from ..io.grid import GridVideo, plan_grid, resize_frames, resize_masks
+from ..errors import OmnimatteError
+from ..io.grid import GridVideo, resize_frames, resize_masks
 from ..io.inputs import Clip
 from ..io.masks import binarize_mask
+from ..layer_solver import SolverSettings, solve_layers
 from ..progress import Report
 from .omnimatte import LayerVideos
-from .optimize import OptimizeSettings, optimize_layer, run_clean_plate
+from .optimize import OptimizeSettings, optimize_layers
 from .removal import ALL, run_removal
 from .settings import Settings
 from .stages import Trajectory
+
+SOLVERS = ("fast", "unet")
 
 
 def solo_targets(names: list[str]) -> list[Trajectory]:
@@ -41,6 +47,14 @@ def solo_targets(names: list[str]) -> list[Trajectory]:
     if n > 1:
         targets += [Trajectory(f"solo_{name}", [j for j in range(n) if j != i]) for i, name in enumerate(names)]
     return targets
+
+
+def _on_grid(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Frames as they are when already on the grid, else resized (uint8 stays
+    uint8: the solvers read a frame at a time)."""
+    if frames.shape[1:3] == (size[1], size[0]):
+        return frames
+    return np.stack([resize_frames(frames[t:t + 1], size, "area")[0] for t in range(len(frames))])
 
 
 def _working(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -69,35 +83,48 @@ def _to_layers(clip: Clip, alphas: list[np.ndarray], background: GridVideo) -> d
             for name, a in zip(clip.names, alphas)}
 
 
-def working_plan(clip: Clip, settings: Settings):
-    """The grid the optimization runs on: the model grid's size, the clip's own
-    frame count (no padding: nothing is denoised)."""
-    return plan_grid(clip.size[0], clip.size[1], clip.num_frames, size=settings.size, min_frames=1)
+def _fit_layers(frames, background, masks: list[np.ndarray], opt: OptimizeSettings, solver: str,
+                report: Report) -> list[np.ndarray]:
+    """Alpha per object (front to back) on the working grid, by the fast
+    solver or by the U-Net optimization (``opt`` as given: the reference's
+    schedule, or the clean-plate one)."""
+    if solver == "fast":
+        return solve_layers(frames, background, masks, SolverSettings(), report)
+    if solver != "unet":
+        raise OmnimatteError(f"--layer-solver {solver}: unknown (one of {', '.join(SOLVERS)})")
+    fitted = optimize_layers(_working(frames, frames.shape[2:0:-1]), _working(background, frames.shape[2:0:-1]),
+                             masks, opt, report)
+    return [a for a, _ in fitted]
 
 
-def run_optimize(clip: Clip, bundle: Bundle, settings: Settings, opt: OptimizeSettings,
-                 report: Report = None) -> dict[str, LayerVideos]:
-    """Casper removal, then one optimization per object."""
-    videos = run_removal(clip, bundle, settings, report, solo_targets(clip.names))
-    size = working_plan(clip, settings).size
-    bg = _working(videos[ALL].frames, size)
+def run_two_stage(clip: Clip, bundle: Bundle, settings: Settings, opt: OptimizeSettings, report: Report = None,
+                  solver: str = "fast", solo: bool = False) -> dict[str, LayerVideos]:
+    """A removal model's background, then the layers over it. One removal
+    trajectory for all objects (the layers are fitted jointly, front to back
+    in mask order); ``solo``: also one trajectory per object that keeps it
+    and removes the others, each layer fitted alone against its solo video
+    (for scenes where one object's effect falls on another)."""
+    targets = solo_targets(clip.names) if solo else [Trajectory(ALL, None)]
+    videos = run_removal(clip, bundle, settings, report, targets)
+    size = clip.grid_size
+    bg = _on_grid(videos[ALL].frames, size)
     masks = _object_masks(clip, size)
+    if not solo or len(clip.names) == 1:
+        return _to_layers(clip, _fit_layers(clip.frames, bg, masks, opt, solver, report), videos[ALL])
     alphas = []
     for i, name in enumerate(clip.names):
-        solo = videos[f"solo_{name}"].frames if f"solo_{name}" in videos else clip.frames
-        alpha, _ = optimize_layer(_working(solo, size), bg, masks[i], opt, report)
-        alphas.append(alpha)
+        solo_video = _on_grid(videos[f"solo_{name}"].frames, size)
+        alphas += _fit_layers(solo_video, bg, [masks[i]], opt, solver, report)
     return _to_layers(clip, alphas, videos[ALL])
 
 
 def run_with_plate(clip: Clip, plate: np.ndarray, background, opt: OptimizeSettings,
-                   report: Report = None) -> dict[str, LayerVideos]:
+                   report: Report = None, solver: str = "fast") -> dict[str, LayerVideos]:
     """Layers against a clean plate: no model, no weights. ``plate``: on the
     clip's grid ([T, h, w, 3], or one frame for a still plate);
     ``background``: what is written (the plate at the source's size, frame
     by frame)."""
     if len(plate) == 1:
         plate = np.broadcast_to(plate, (clip.num_frames,) + plate.shape[1:])
-    fitted = run_clean_plate(_working(clip.frames, clip.grid_size), _object_masks(clip, clip.grid_size),
-                             _working(plate, clip.grid_size), opt, report)
-    return _to_layers(clip, [a for a, _ in fitted], background)
+    alphas = _fit_layers(clip.frames, plate, _object_masks(clip, clip.grid_size), opt.for_plate(), solver, report)
+    return _to_layers(clip, alphas, background)
