@@ -4,6 +4,7 @@ a user runs it."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -71,3 +72,11 @@ def assert_refused(args, capsys, match: str, out=None) -> None:
     if out is not None:
         assert not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_rates(tmp_path_factory):
+    """Run plans probe this machine's rates once per session, into a file of
+    the session's own (never the user's cache)."""
+    os.environ["MLX_OMNIMATTE_RATES"] = str(tmp_path_factory.mktemp("rates") / "rates.json")
+    yield

@@ -118,3 +118,27 @@ def test_disk_full_while_writing_is_one_line(synth_clip, tmp_path, capsys, monke
     args = ["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
             "--iterations", "1", "--batch-frames", "4", "--quiet"]
     assert_refused(args, capsys, f"{out}: writing failed (No space left on device); nothing was written", out)
+
+
+@pytest.mark.parametrize("solo, passes", [(False, ["denoise all"]), (True, ["denoise all", "denoise solo_00",
+                                                                           "denoise solo_01"])])
+def test_two_stage_removal_passes(casper, solo, passes):
+    """One removal trajectory for all objects; --solo adds one per object
+    (read from the run's stage records). `optimize` is the method's alias."""
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"{EXAMPLES} not present")
+    from mlx_omnimatte.io.inputs import resolve_clip
+    from mlx_omnimatte.pipelines.api import Request, choose_mode, execute, prepare
+    from mlx_omnimatte.pipelines.settings import Mode, settings_from
+    from mlx_omnimatte.progress import quiet
+
+    request = Request(Mode.DECOMPOSE, resolve_clip(EXAMPLES / "boys-beach", (), None, 5), casper,
+                      settings_from(steps=1, size="64x32"), solo=solo)
+    request.mode = choose_mode(request, "optimize")
+    assert request.mode is Mode.TWO_STAGE
+    prepared = prepare(request)
+    assert f"{len(passes)} trajectories x 1 steps" in prepared.render()
+    progress = quiet()
+    layers = execute(prepared, progress)
+    assert [r.name for r in progress.records if r.name.startswith("denoise")] == passes
+    assert sorted(layers) == ["00", "01"] and "solve layers" in [r.name for r in progress.records]
