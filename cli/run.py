@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,8 +11,8 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.compose import FIT_MODES
 from mlx_omnimatte.io.inputs import resolve_clip
 from mlx_omnimatte.io.writers import check_output, check_space
-from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, choose_mode, execute,
-                                          prepare)
+from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan, choose_mode,
+                                          execute, prepare)
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
 from mlx_omnimatte.pipelines.optimize import OptimizeSettings
 from mlx_omnimatte.pipelines.outputs import listing, write_decomposition, write_removal
@@ -53,12 +54,52 @@ def common_options(f):
     return f
 
 
-def _refuse_overwriting_inputs(out: Path, inputs) -> None:
+def _refuse_overwriting_inputs(out: Path, request: Request) -> None:
+    """No output may be, or contain, anything the run reads."""
+    spec = request.clip
+    inputs = [spec.source, spec.video, *spec.masks, request.plate, request.bundle, *request.expert_dirs.values()]
     target = out.resolve()
-    for p in inputs:
+    for p in filter(None, inputs):
         p = Path(p).resolve()
         if target == p or target in p.parents:
             raise OmnimatteError(f"{out}: the output would replace the input {p}")
+
+
+# options that only some methods read: method -> {parameter: why it is refused}
+_MODEL_ONLY = ("bundle", "method", "steps", "shift", "sampler", "dtype", "tau", "expert_args", "solo")
+_UNET_ONLY = ("iterations", "batch_frames", "lr")
+
+
+def _unused_options(request: Request, given: set[str]) -> None:
+    """The method is what the user asked for, or an error: an option the
+    chosen method would ignore is refused in one line."""
+    def refuse(names, why):
+        hit = [n for n in names if n in given]
+        if hit:
+            flag = "--" + hit[0].replace("_args", "").replace("_", "-")
+            raise OmnimatteError(f"{flag}: {why}")
+
+    if request.mode is Mode.PLATE:
+        refuse(_MODEL_ONLY, "a clean-plate run uses no model (drop it, or drop --clean-plate)")
+    if request.mode is Mode.TWO_STAGE:
+        refuse(("tau", "expert_args"), "only the experts method uses experts (this run is two-stage: the bundle "
+                                        "has no experts, or --method two-stage was asked)")
+    if request.mode is Mode.DECOMPOSE:
+        refuse(("solver", "solo", "fit") + _UNET_ONLY, "only the two-stage and clean-plate methods use it "
+                                                      "(this run uses the experts)")
+    elif request.solver == "fast":
+        refuse(_UNET_ONLY, "only --layer-solver unet optimizes (the fast solver has no iterations)")
+    if request.plate is None:
+        refuse(("fit",), "only a clean plate is fitted (give --clean-plate)")
+    for kind in request.expert_dirs:
+        if request.mode is Mode.DECOMPOSE and kind not in request.experts:
+            raise OmnimatteError(f"--expert {kind}=...: --tau {request.settings.tau} never runs the {kind} expert")
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """The parameters set on the command line (not defaults)."""
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
 
 
 def _request(mode: Mode, input, masks, caption, bundle, frames, targets="both", **settings) -> Request:
@@ -70,7 +111,7 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     """Check (output, inputs, settings, bundle, plan), then run and write;
     `--dry-run` runs the same checks and prints the plan."""
     check_output(out, overwrite)
-    _refuse_overwriting_inputs(out, [request.clip.source, request.clip.video, *request.clip.masks])
+    _refuse_overwriting_inputs(out, request)
     prepared = prepare(request)
     check_space(out, prepared.plan.disk)
     spec = request.clip
@@ -81,6 +122,8 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
             click.echo(f"decompose method: {method_line(request)}", err=True)
     if dry_run:
         click.echo(prepared.render())
+    check_plan(prepared)  # a run that would not fit is refused, with --dry-run too
+    if dry_run:
         return
     if not quiet:
         click.echo(f"estimated time on this machine: {format_seconds(prepared.seconds)} (an estimate; "
@@ -178,6 +221,8 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
     request.plate, request.fit, request.solver, request.solo = plate, fit, solver, solo
     request.expert_dirs = dict(_kind_dir(a) for a in expert_args)
     request.mode = choose_mode(request, method)
+    _unused_options(request, _given(click.get_current_context()))
+    _fit_batch(request, quiet)
     request.outputs = Outputs(tuple(formats) or ("png",), bg_format, not no_preview)
 
     def write(layers, progress):
@@ -185,6 +230,15 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
         write_decomposition(out, request.clip, layers, o.formats, o.background, o.preview, overwrite, report=progress)
 
     _execute(request, out, dry_run, overwrite, quiet, write)
+
+
+def _fit_batch(request: Request, quiet: bool) -> None:
+    """U-Net windows longer than the clip are clamped to it, and said so."""
+    opt, frames = request.optimize, request.clip.info.frames
+    if request.solver == "unet" and opt.batch_frames > frames:
+        if not quiet:
+            click.echo(f"--batch-frames {opt.batch_frames}: the clip has {frames} frames; using {frames}", err=True)
+        request.optimize = replace(opt, batch_frames=frames)
 
 
 def method_line(request: Request) -> str:

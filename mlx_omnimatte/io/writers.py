@@ -39,6 +39,7 @@ from PIL import Image
 
 from ..compositing import alpha_channel, rgba, to_uint8
 from ..errors import OmnimatteError
+from ..memory import format_bytes
 from .video import as_rate
 
 H264_CRF = 16  # colour: visually lossless
@@ -85,9 +86,14 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     """Fail early, before any work: ``path`` exists and ``overwrite`` is off,
     or it would lie under a file, or its nearest existing folder cannot be
     written (missing folders are created when writing)."""
+    if not str(path).strip():
+        raise OmnimatteError("the output path is empty")
     path = Path(path)
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise OmnimatteError(f"{path}: the output would replace the current folder {here}")
     if _exists(path) and not overwrite:
-        raise OmnimatteError(f"{path}: already exists (pass overwrite / --overwrite to replace it)")
+        raise OmnimatteError(f"{path}: already exists (add --overwrite to replace it)")
     parent = path.absolute().parent
     above = next(p for p in (parent, *parent.parents) if p.exists())
     if not above.is_dir():
@@ -102,8 +108,8 @@ def check_space(path: str | Path, needed: int) -> None:
     above = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
     free = shutil.disk_usage(above).free
     if needed > free:
-        raise OmnimatteError(f"{path}: the outputs need about {needed / 2 ** 30:.2f} GB but {above} has "
-                             f"{free / 2 ** 30:.2f} GB free (free some space or shorten the clip with --frames)")
+        raise OmnimatteError(f"{path}: the outputs need about {format_bytes(needed)} but {above} has "
+                             f"{format_bytes(free)} free (free some space or shorten the clip with --frames)")
 
 
 @contextmanager
@@ -126,7 +132,7 @@ def atomic_output(path: str | Path, overwrite: bool = False, directory: bool = F
             raise OmnimatteError(f"{path}: the writer produced nothing")
         if _exists(path):
             if not overwrite:  # appeared while we were writing
-                raise OmnimatteError(f"{path}: already exists (pass overwrite / --overwrite to replace it)")
+                raise OmnimatteError(f"{path}: already exists (add --overwrite to replace it)")
             old = path.with_name(f".{path.name}.old-{token}")
             os.rename(path, old)
             try:

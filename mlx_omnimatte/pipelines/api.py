@@ -29,7 +29,7 @@ from ..weights import read_config
 from ..progress import Progress, Report
 from ..prompts import prompt_cached
 from .omnimatte import Layers, run_decompose
-from .optimize import OptimizeSettings, fit_plate
+from .optimize import OptimizeSettings, check_optimize, fit_plate
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs
 from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
@@ -148,6 +148,9 @@ def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
             raise OmnimatteError(f"--expert {kind}={path}: unknown kind (one of {', '.join(KINDS)})")
         if not Path(path).is_dir():
             raise OmnimatteError(f"--expert {kind}={path}: not an expert directory")
+        given = read_config(Path(path)).get("kind") if (Path(path) / "config.json").is_file() else None
+        if given not in (None, kind):
+            raise OmnimatteError(f"--expert {kind}={path}: that is a {given} expert (give it as {given}={path})")
     experts = {**bundle.manifest.get("experts", {}), **{k: str(Path(p).resolve()) for k, p in expert_dirs.items()}}
     return Bundle(bundle.root, {**bundle.manifest, "experts": experts})
 
@@ -157,6 +160,8 @@ def prepare(request: Request) -> Prepared:
     s, info = request.settings, request.clip.info
     if request.solver not in SOLVERS:
         raise OmnimatteError(f"layer solver {request.solver!r}: unknown (one of {', '.join(SOLVERS)})")
+    if request.solver == "unet":
+        check_optimize(request.optimize)
     if request.mode is Mode.PLATE:
         check_plate(request.plate, request.clip, request.fit)
         grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=1)
@@ -195,6 +200,11 @@ def cost_request(request: Request) -> CostRequest:
                        trajectories(request) if request.mode is not Mode.PLATE else 0, plate_video)
 
 
+def check_plan(prepared: Prepared) -> None:
+    """Refuse a run predicted not to fit this machine's memory."""
+    check_fits(prepared.plan, prepared.machine, prepared.request.settings)
+
+
 def grid_size(prepared: Prepared) -> tuple[int, int]:
     """The (W, H) the clip is read at: the model grid (or the working grid)."""
     return prepared.plan.grid.size
@@ -204,7 +214,7 @@ def execute(prepared: Prepared, report: Report = None) -> dict:
     """Check the plan fits, read the clip onto the model grid, run: removal ->
     {label: GridVideo}, the decompositions -> {name: LayerVideos}."""
     r = prepared.request
-    check_fits(prepared.plan, prepared.machine, r.settings)
+    check_plan(prepared)
     clip = read_clip(r.clip, grid_size(prepared), report)
     if r.mode is Mode.PLATE:
         working, background = read_plate(r.plate, r.clip, grid_size(prepared), r.fit)

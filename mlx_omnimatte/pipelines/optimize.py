@@ -102,6 +102,16 @@ class OptimizeSettings:
         return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
 
 
+def check_optimize(s: OptimizeSettings) -> None:
+    """Numbers that cannot work, refused before any step."""
+    if not (np.isfinite(s.lr) and s.lr > 0):
+        raise OmnimatteError(f"--lr {s.lr}: must be a finite number above 0")
+    if s.iterations < 1:
+        raise OmnimatteError(f"--iterations {s.iterations}: the U-Net needs at least one step")
+    if s.batch_frames < 1:
+        raise OmnimatteError(f"--batch-frames {s.batch_frames}: must be at least 1")
+
+
 # --- losses ---------------------------------------------------------------------
 
 
