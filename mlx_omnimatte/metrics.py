@@ -62,8 +62,47 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(db, MAX_PSNR).mean())
 
 
+def _filter_valid(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    # A symmetric kernel where it fits: taps at +-i share one multiply, and the
+    # sums reuse one buffer (SSIM is most of an evaluation's time).
+    r = len(kernel) // 2
+    x = np.moveaxis(np.asarray(x, dtype=np.float32), axis, 0)
+    n = x.shape[0] - 2 * r
+    out = x[r:r + n] * kernel[r]
+    tmp = np.empty_like(out)
+    for i in range(1, r + 1):
+        np.add(x[r - i:r - i + n], x[r + i:r + i + n], out=tmp)
+        tmp *= kernel[r + i]
+        out += tmp
+    return np.moveaxis(out, 0, axis)
+
+
 def _window(x: np.ndarray) -> np.ndarray:
-    return gaussian_blur(x, SSIM_SIGMA, axes=(0, 1), valid=True)
+    k = gaussian_kernel(SSIM_SIGMA, SSIM_WINDOW)
+    return _filter_valid(_filter_valid(x, k, 0), k, 1)
+
+
+def ssim_stats(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed mean and mean of squares of one frame [H, W, C], for
+    ``ssim_frame`` to reuse when one frame is compared with several."""
+    f = _frames(frame)
+    return _window(f), _window(f * f)
+
+
+def ssim_frame(a: np.ndarray, b: np.ndarray, stats_a=None, stats_b=None) -> float:
+    """SSIM of one frame pair [H, W, C] (see ``ssim``); ``stats_*``: their
+    ``ssim_stats`` when already known."""
+    a, b = _frames(a), _frames(b)
+    _check(a, b, "ssim")
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    mu_a, sq_a = stats_a if stats_a is not None else ssim_stats(a)
+    mu_b, sq_b = stats_b if stats_b is not None else ssim_stats(b)
+    var_a = sq_a - mu_a ** 2
+    var_b = sq_b - mu_b ** 2
+    cov = _window(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)
+    return float((num / den).mean())
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,22 +113,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     _check(a, b, "ssim")
     if a.ndim == 3:
         a, b = a[..., None], b[..., None]
-    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
-    scores = []
-    for fa, fb in zip(a, b):
-        mu_a, mu_b = _window(fa), _window(fb)
-        var_a = _window(fa * fa) - mu_a ** 2
-        var_b = _window(fb * fb) - mu_b ** 2
-        cov = _window(fa * fb) - mu_a * mu_b
-        num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-        den = (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)
-        scores.append(float((num / den).mean()))
-    return float(np.mean(scores))
+    return float(np.mean([ssim_frame(fa, fb) for fa, fb in zip(a, b)]))
 
 
-def alpha_errors(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> dict:
-    """MAE and MSE of alpha over ``region`` (bool, same shape; None = all).
-    An empty region gives NaN (nothing to measure)."""
+def error_sums(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """[sum |p - t|, sum (p - t)^2, pixels] over ``region`` (float64), to add
+    up over frames; ``errors_from_sums`` turns them into MAE and MSE."""
     p, t = _frames(pred), _frames(truth)
     _check(p, t, "alpha_errors")
     d = p - t
@@ -97,23 +126,47 @@ def alpha_errors(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None 
         region = np.asarray(region, dtype=bool)
         _check(d, region, "alpha_errors region")
         d = d[region]
-    if d.size == 0:
+    d = d.astype(np.float64)
+    return np.array([np.abs(d).sum(), (d * d).sum(), d.size], dtype=np.float64)
+
+
+def errors_from_sums(sums: np.ndarray) -> dict:
+    """MAE, MSE and pixel count from ``error_sums``; NaN for no pixels."""
+    n = int(sums[2])
+    if n == 0:
         return {"mae": float("nan"), "mse": float("nan"), "pixels": 0}
-    return {"mae": float(np.abs(d).mean()), "mse": float((d * d).mean()), "pixels": int(d.size)}
+    return {"mae": float(sums[0] / n), "mse": float(sums[1] / n), "pixels": n}
 
 
-def iou(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5, ignore: np.ndarray | None = None) -> float:
-    """Intersection over union of ``alpha >= threshold`` over the whole
-    video, leaving out the pixels of ``ignore`` (bool, same shape); 1.0 when
-    both are empty."""
+def alpha_errors(pred: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> dict:
+    """MAE and MSE of alpha over ``region`` (bool, same shape; None = all).
+    An empty region gives NaN (nothing to measure)."""
+    return errors_from_sums(error_sums(pred, truth, region))
+
+
+def iou_counts(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
+               ignore: np.ndarray | None = None) -> np.ndarray:
+    """[intersection, union] of ``alpha >= threshold`` leaving out ``ignore``,
+    to add up over frames (``iou_from_counts``)."""
     p, t = _frames(pred) >= threshold, _frames(truth) >= threshold
     _check(p, t, "iou")
     if ignore is not None:
         ignore = np.asarray(ignore, dtype=bool)
         _check(p, ignore, "iou ignore")
         p, t = p & ~ignore, t & ~ignore
-    union = np.logical_or(p, t).sum()
-    return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
+    return np.array([np.logical_and(p, t).sum(), np.logical_or(p, t).sum()], dtype=np.int64)
+
+
+def iou_from_counts(counts: np.ndarray) -> float:
+    """Intersection over union; 1.0 when both are empty."""
+    return 1.0 if counts[1] == 0 else float(counts[0] / counts[1])
+
+
+def iou(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5, ignore: np.ndarray | None = None) -> float:
+    """Intersection over union of ``alpha >= threshold`` over the whole
+    video, leaving out the pixels of ``ignore`` (bool, same shape); 1.0 when
+    both are empty."""
+    return iou_from_counts(iou_counts(pred, truth, threshold, ignore))
 
 
 def _frames(x: np.ndarray) -> np.ndarray:

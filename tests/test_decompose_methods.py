@@ -38,10 +38,10 @@ def test_optimize_on_boys_beach(casper, tmp_path, capsys):
     out = tmp_path / "beach"
     loud = [a for a in FAST if a != "--quiet"]  # the method choice is part of the run's header
     code, stdout, err = run(["decompose", EXAMPLES / "boys-beach", "--bundle", casper, "-o", out, *loud,
-                             "--frames", "9", "--iterations", "3", "--batch-frames", "4",
+                             "--frames", "9", "--layer-solver", "unet", "--iterations", "3", "--batch-frames", "4",
                              "--layer-format", "png", "--layer-format", "webm"], capsys)
     assert code == 0, err
-    assert "decompose method: two-stage (one removal pass for all objects" in err  # the bundle has no experts: chosen and said
+    assert "decompose method: two-stage (one removal pass for all objects, then layer solver: unet, 3 iterations)" in err  # the bundle has no experts: chosen and said
     src = probe_video(EXAMPLES / "boys-beach" / "input_video.mp4")
     for name in ("00", "01"):
         folder = out / f"object_{name}"
@@ -58,7 +58,7 @@ def test_optimize_on_boys_beach(casper, tmp_path, capsys):
 def test_clean_plate_without_any_bundle(synth_clip, tmp_path, capsys):
     out = tmp_path / "layers"
     code, _, err = run(["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
-                        "--iterations", "40", "--batch-frames", "4", "--quiet"], capsys)
+                        "--layer-solver", "unet", "--iterations", "40", "--batch-frames", "4", "--quiet"], capsys)
     assert code == 0, err
     rgba, _ = read_rgba(out / "object_00" / "layer")
     bg, _ = read_video(out / "object_00" / "background.mp4")
@@ -82,14 +82,14 @@ def test_plate_of_another_size_or_length_refused(synth_clip, tmp_path, capsys):
     small = tmp_path / "small.mp4"
     write_video(small, np.zeros((9, 32, 48, 3), np.uint8), 16)
     out = tmp_path / "out"
-    args = ["decompose", synth_clip, "-o", out, "--iterations", "1", "--quiet"]
+    args = ["decompose", synth_clip, "-o", out, "--quiet"]
     assert_refused([*args, "--clean-plate", small], capsys, "48x32 differs from the clip's 64x48", out)
     short = tmp_path / "short"
     write_png_frames(short, np.zeros((4, 48, 64, 3), np.uint8))
     assert_refused([*args, "--clean-plate", short], capsys, "4 frames, fewer than the clip's 9", out)
     assert_refused([*args, "--clean-plate", tmp_path / "nope.mp4"], capsys, "no such clean plate", out)
     # explicitly fitted, the same plates are accepted
-    code, _, err = run([*args, "--clean-plate", short, "--fit", "loop", "--batch-frames", "4"], capsys)
+    code, _, err = run([*args, "--clean-plate", short, "--fit", "loop"], capsys)
     assert code == 0, err
 
 
@@ -116,7 +116,7 @@ def test_disk_full_while_writing_is_one_line(synth_clip, tmp_path, capsys, monke
     monkeypatch.setattr(writers.PngSink, "add", full)
     out = tmp_path / "out"
     args = ["decompose", synth_clip, "--clean-plate", synth_clip / "truth" / "background", "-o", out,
-            "--iterations", "1", "--batch-frames", "4", "--quiet"]
+            "--quiet"]
     assert_refused(args, capsys, f"{out}: writing failed (No space left on device); nothing was written", out)
 
 

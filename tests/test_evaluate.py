@@ -1,15 +1,17 @@
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy import ndimage
 
 from mlx_omnimatte.compositing import as_float
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
-from mlx_omnimatte.pipelines.evaluate import evaluate
+from mlx_omnimatte.pipelines.evaluate import EFFECT_DILATE, evaluate
 from mlx_omnimatte.pipelines.omnimatte import Layers
 from mlx_omnimatte.pipelines.outputs import write_decomposition
-from mlx_omnimatte.synth import make_clip, write_clip
+from mlx_omnimatte.synth import make_clip, read_truth, write_clip
 
 
 def _layers(clip, damage=None):
@@ -81,3 +83,34 @@ def test_cli_table_json_and_errors(synthetic, tmp_path):
         evaluate(tmp_path, folder)
     r = CliRunner().invoke(evaluate_cmd, [str(tmp_path / "nothing"), "--clip", str(folder)])
     assert r.exit_code != 0 and isinstance(r.exception, OmnimatteError)
+
+
+def test_false_alpha_is_the_mean_alpha_where_the_layer_is_empty(synthetic):
+    root, clip, folder = synthetic
+    truth = read_truth(folder)
+    square = np.ones((1, EFFECT_DILATE, EFFECT_DILATE), bool)  # per frame, as the evaluation dilates
+    empty, margin = [], []
+    for k in range(2):
+        a = truth["alpha"][k]
+        near = ndimage.binary_dilation(a > 0.01, structure=square)
+        empty.append((a < 0.01) & ~near)
+        margin.append(near & (a <= 0.01))
+
+    def spurious(alpha, clip, k):
+        alpha[empty[k]] = 0.4  # false alpha far from the object: counted
+        alpha[margin[k]] = 1.0  # a halo within the margin: not counted
+        return alpha
+
+    out = write_decomposition(root / "spurious", load_clip_folder(folder), _layers(clip, spurious),
+                              background="png", preview=False)
+    ev = evaluate(out, folder, folder / "truth")
+    for k, name in enumerate(("00", "01")):
+        r = ev.rows[name]
+        assert margin[k].sum() > 20 and r["false_pixels"] == int(empty[k].sum()) > 1000
+        assert r["false_alpha"] == pytest.approx(102 / 255, abs=1e-6)  # 0.4 stored as 8-bit 102
+    perfect = evaluate(write_decomposition(root / "exact", load_clip_folder(folder), _layers(clip),
+                                           background="png", preview=False), folder, folder / "truth")
+    assert perfect.rows["00"]["false_alpha"] == 0.0
+    assert perfect.rows["00"]["false_pixels"] == ev.rows["00"]["false_pixels"]
+    assert "false_alpha" not in perfect.rows["all"]
+    assert "false_alpha" in perfect.table() and json.loads(perfect.to_json())["01"]["false_pixels"] > 0

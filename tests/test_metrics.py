@@ -63,3 +63,29 @@ def test_gaussian_blur_keeps_mass_and_smooths():
     y = metrics.gaussian_blur(x, 2.0)
     assert y.sum() == pytest.approx(1.0, abs=1e-5)
     assert y[10, 10] == pytest.approx(metrics.gaussian_kernel(2.0)[6] ** 2, rel=1e-5)
+
+
+def test_per_frame_sums_add_up_to_the_whole_video():
+    rng = np.random.default_rng(1)
+    pred, truth = rng.random((3, 9, 11)).astype(np.float32), rng.random((3, 9, 11)).astype(np.float32)
+    region = truth > 0.3
+    whole = metrics.alpha_errors(pred, truth, region)
+    summed = metrics.errors_from_sums(sum(metrics.error_sums(p, t, r) for p, t, r in zip(pred, truth, region)))
+    assert summed["pixels"] == whole["pixels"] == int(region.sum())
+    assert summed["mae"] == pytest.approx(float(np.abs(pred - truth)[region].mean()), rel=1e-6)
+    assert summed["mse"] == pytest.approx(whole["mse"], rel=1e-6)
+    counts = sum(metrics.iou_counts(p, t) for p, t in zip(pred, truth))
+    p, t = pred >= 0.5, truth >= 0.5
+    assert list(counts) == [int((p & t).sum()), int((p | t).sum())]
+    assert metrics.iou_from_counts(counts) == pytest.approx(metrics.iou(pred, truth))
+    assert metrics.iou_from_counts(np.array([0, 0])) == 1.0
+
+
+def test_ssim_frame_reuses_known_windows():
+    rng = np.random.default_rng(2)
+    a = rng.random((20, 24, 3)).astype(np.float32)
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+    direct = metrics.ssim(a[None], b[None])
+    assert metrics.ssim_frame(a, b, stats_b=metrics.ssim_stats(b)) == pytest.approx(direct, abs=1e-7)
+    assert metrics.ssim_frame(a, b) == pytest.approx(np.mean([_ssim_brute(a[..., c], b[..., c]) for c in range(3)]),
+                                                     abs=1e-5)

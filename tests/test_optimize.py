@@ -140,7 +140,7 @@ def test_clean_plate_decomposition_meets_the_quality_bar(tmp_path, capsys):
 
     clip, out, scores = tmp_path / "clip", tmp_path / "out", tmp_path / "scores.json"
     run_ok(["synth", "-o", clip, "--seed", "3", "--frames", "8", "--size", "64x64", "--shadow-opacity", "0.5"], capsys)
-    run_ok(["decompose", clip, "--clean-plate", clip / "truth" / "background", "-o", out, "--iterations", "120",
+    run_ok(["decompose", clip, "--clean-plate", clip / "truth" / "background", "-o", out, "--layer-solver", "unet", "--iterations", "120",
             "--batch-frames", "4", "--lr", "5e-3", "--quiet"], capsys)
     run_ok(["evaluate", out, "--clip", clip, "--truth", clip / "truth", "--json", scores], capsys)
     row = json.loads(scores.read_text())["00"]

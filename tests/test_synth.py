@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -133,3 +134,153 @@ def test_dataset_and_cli(tmp_path):
                                  "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "many" / "00001" / "truth" / "alpha_00").is_dir()
+
+
+# --- effects, removal plate, files ------------------------------------------------
+
+
+def _base(obj_frame):
+    return int(np.nonzero(obj_frame.max(axis=1) > 0.05)[0][-1]) + 1
+
+
+def test_default_clip_is_bit_identical_to_before_effects():
+    # Pinned with the code before effect kinds existed: the default (a shadow
+    # for every object) must not move, README figures and tests rely on it.
+    clip = synth.make_clip(3, frames=8, size=(64, 64), shadow_opacity=0.5)
+    assert int(clip.video.astype(np.int64).sum()) == 10357724
+    assert hashlib.sha256(clip.video.tobytes()).hexdigest() == (
+        "2fed4399e19c9cb758e212bd4dbf4e322a2b9143b1d4a298760e2804cf689483")
+    assert clip.effects == ["shadow"] and clip.removal_plate is None and clip.plate == "exact"
+
+
+@pytest.mark.parametrize("effects", [["shadow", "reflection"], ["light"], ["reflection", "none", "light"]])
+def test_effect_clips_recompose_exactly(effects):
+    clip = synth.make_clip(1, frames=6, size=(64, 48), objects=len(effects), effects=effects)
+    assert clip.effects == effects
+    assert np.abs(_recompose_all(clip) - as_float(clip.video)).max() <= 1.5 / 255
+    for k, kind in enumerate(effects):
+        expect = clip.object_alpha[k] + (1 - clip.object_alpha[k]) * clip.effect[k]
+        np.testing.assert_allclose(clip.alpha[k], expect, atol=1e-6)
+        assert (clip.effect[k].max() == 0) == (kind == "none")
+
+
+def test_reflection_mirrors_the_object_below_its_base():
+    clip = synth.make_clip(6, frames=5, size=(96, 64), effects=["reflection"])
+    obj, eff = clip.object_alpha[0], clip.effect[0]
+    assert 0.3 - 0.02 <= eff.max() <= 0.5 + 1e-6
+    video, bg, fg = as_float(clip.video), as_float(clip.background), as_float(clip.foreground[0])
+    checked = 0
+    for i in range(obj.shape[0]):
+        base = _base(obj[i])
+        rows = np.nonzero(eff[i].max(axis=1) > 0)[0]
+        assert rows.min() == base  # below the base, touching it
+        for y in range(base, min(2 * base, obj.shape[1])):
+            src = 2 * base - 1 - y  # the mirrored row
+            cols = (obj[i, src] > 0.99) & (obj[i, y] == 0) & (eff[i, y] > 0.05)
+            e = eff[i, y, cols][:, None]
+            # the video there: the mirrored object colour over the plate, at the effect's opacity
+            expect = e * fg[i, src, cols] + (1 - e) * bg[i, y, cols]
+            np.testing.assert_allclose(video[i, y, cols], expect, atol=3 / 255)
+            checked += int(cols.sum())
+    assert checked > 100
+
+
+def test_light_brightens_the_ground_around_the_base():
+    clip = synth.make_clip(4, frames=5, size=(96, 64), effects=["light"])
+    obj, eff = clip.object_alpha[0], clip.effect[0]
+    assert 0.3 - 0.02 <= eff.max() <= 0.5 + 1e-6
+    region = (eff > 0.1) & (obj < 0.01)
+    assert region.sum() > 50
+    video, bg = as_float(clip.video), as_float(clip.background)
+    assert video[region].mean() > bg[region].mean() + 0.05
+    assert np.all(video[region].sum(-1) >= bg[region].sum(-1) - 3 / 255)  # never darker
+    # warm white where only the light is, connected to the object's base
+    only = (eff > 0.1) & (obj == 0)
+    colour = as_float(clip.foreground[0])[only]
+    np.testing.assert_allclose(colour, np.broadcast_to(synth.LIGHT_COLOUR, colour.shape), atol=0.5 / 255 + 1e-6)
+    for i in range(obj.shape[0]):
+        rows = np.nonzero(eff[i].max(axis=1) > 0.1)[0]
+        assert rows.min() < _base(obj[i]) < rows.max()
+
+
+def test_effects_keep_the_objects_and_cycle():
+    plain = synth.make_clip(5, frames=4, size=(64, 48), objects=3)
+    mixed = synth.make_clip(5, frames=4, size=(64, 48), objects=3, effects=["light", "none"])
+    assert mixed.effects == ["light", "none", "light"]
+    np.testing.assert_array_equal(mixed.background, plain.background)
+    for k in range(3):  # the new kinds draw from streams of their own
+        np.testing.assert_array_equal(mixed.object_alpha[k], plain.object_alpha[k])
+    assert mixed.effect[1].max() == 0.0
+    assert synth.make_clip(5, frames=4, size=(64, 48), shadow=False).effects == ["none"]
+    with pytest.raises(OmnimatteError, match="effects"):
+        synth.make_clip(5, frames=2, size=(32, 32), effects=["glow"])
+    with pytest.raises(OmnimatteError, match="shadow"):
+        synth.make_clip(5, frames=2, size=(32, 32), shadow=False, effects=["shadow"])
+    with pytest.raises(OmnimatteError, match="plate"):
+        synth.make_clip(5, frames=2, size=(32, 32), plate="blurry")
+
+
+def test_removal_plate_is_a_slightly_wrong_deterministic_plate():
+    clip = synth.make_clip(2, frames=6, size=(96, 64), plate="removal")
+    exact = synth.make_clip(2, frames=6, size=(96, 64))
+    np.testing.assert_array_equal(clip.video, exact.video)  # the clip itself is unchanged
+    plate, bg = clip.removal_plate.astype(np.float64), clip.background.astype(np.float64)
+    assert clip.removal_plate.shape == clip.background.shape and clip.plate == "removal"
+    assert 1.0 <= np.abs(plate - bg).mean() <= 4.0  # in 1/255 units
+    recipe = synth.removal_recipe(2, (96, 64), 6)
+    assert np.all((recipe.gain >= 0.97) & (recipe.gain <= 1.03)) and np.ptp(recipe.gain) > 0.005
+    np.testing.assert_allclose(plate.mean(axis=(0, 1, 2)) / bg.mean(axis=(0, 1, 2)), recipe.gain, atol=2e-3)
+    residual = plate - bg * recipe.gain
+    assert 1.2 < residual.std() < 2.0  # noise of sigma 1.5/255
+    assert abs(np.corrcoef(residual[0].ravel(), residual[1].ravel())[0, 1]) < 0.1  # fresh each frame
+    np.testing.assert_array_equal(synth.make_clip(2, frames=6, size=(96, 64), plate="removal").removal_plate,
+                                  clip.removal_plate)
+    other = synth.removal_plate(clip.background, 3)
+    assert np.abs(other.astype(int) - clip.removal_plate).mean() > 0.5
+
+
+def test_removal_drift_and_blur_scale_with_the_height():
+    recipe = synth.removal_recipe(0, (832, 480), 81)
+    assert recipe.blur == pytest.approx(0.6)
+    assert np.abs(recipe.drift).max() == pytest.approx(0.5, abs=1e-3)
+    small = synth.removal_recipe(0, (208, 120), 81)
+    assert small.blur == pytest.approx(0.15) and np.abs(small.drift).max() == pytest.approx(0.125, abs=1e-3)
+    # slow in time: keys 24 frames apart, eased between
+    step = np.abs(np.diff(recipe.drift, axis=0)).max() / synth.REMOVAL_DRIFT_PERIOD
+    assert step < 0.1
+    plate = np.random.default_rng(0).random((2, 120, 208, 3)).astype(np.float32)
+    out = synth.removal_plate(plate, 0).astype(np.float64) / 255
+    assert 0.01 < np.abs(out - plate).mean() < 0.1  # blurred and drifted noise texture
+
+
+def test_png_bytes_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (5, 7), dtype=np.uint8), rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+              rng.integers(0, 256, (5, 7, 4), dtype=np.uint8), rng.integers(0, 65536, (5, 7), dtype=np.uint16)]
+    for i, f in enumerate(frames):
+        (tmp_path / f"{i}.png").write_bytes(synth.png_bytes(f))
+        with Image.open(tmp_path / f"{i}.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), f)
+
+
+def test_cli_effects_and_plate(tmp_path):
+    from mlx_omnimatte.cli.synth import synth as cmd
+
+    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "fx"), "--frames", "3", "--size", "64x48", "--objects", "3",
+                                 "--effect", "reflection", "--effect", "light", "--plate", "removal", "-q"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "fx" / "truth" / "meta.json").read_text())
+    assert meta["effects"] == ["reflection", "light", "reflection"] and meta["plate"] == "removal"
+    assert load_clip_folder(tmp_path / "fx").frames.shape == (3, 48, 64, 3)
+    plate = sorted((tmp_path / "fx" / "truth" / "background_removal").iterdir())
+    assert [p.name for p in plate] == ["00000.png", "00001.png", "00002.png"]
+    clip = synth.make_clip(0, frames=3, size=(64, 48), objects=3, effects=["reflection", "light"], plate="removal")
+    with Image.open(plate[2]) as im:
+        np.testing.assert_array_equal(np.asarray(im), clip.removal_plate[2])
+    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "plain"), "--frames", "2", "--size", "32x32", "-q"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "plain" / "truth" / "meta.json").read_text())
+    assert meta["effects"] == ["shadow"] and meta["plate"] == "exact"
+    assert not (tmp_path / "plain" / "truth" / "background_removal").exists()
+    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "bad"), "--no-shadow", "--effect", "shadow"])
+    assert r.exit_code != 0 and not (tmp_path / "bad").exists()
