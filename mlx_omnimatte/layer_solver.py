@@ -19,11 +19,13 @@ Per frame, for each object (front to back in mask order):
   on ``F - B`` explains it); the body is closed and its holes filled, so a
   body pixel whose colour matches the background stays 1;
 * soft edge: on the body's one-pixel rim alpha is that projection;
-* effects: the least alpha that explains each pixel over the background (a
-  shadow that darkens by s gets s, a light or a reflection its opacity, at
-  least), kept where the difference passes the noise floor and the pixel's
+* effects: where the difference passes the noise floor and the pixel's
   connected region touches the object (noise specks and far changes are not
-  the object's); each pixel goes to the nearest object;
+  the object's), the alpha of the colour that explains the pixel best:
+  black (a shadow that darkens by s gets s), white (a light) or one of the
+  object's own colours (its reflection), never below the least alpha that
+  any colour needs; each pixel goes to the nearest object (where one
+  object's effect lies over another's, the nearer object takes it);
 * time: where the difference does not change between frames, it is averaged
   with the previous frame's (a recursive filter), so still effects do not
   flicker with the noise.
@@ -58,6 +60,7 @@ class SolverSettings:
     smooth_sigma: float = 1.2  # pixels at 480
     still: float = 0.5  # weight of the previous frame where the difference is still
     sample_frames: int = 12
+    palette: int = 4  # the object's colours an effect may take (a reflection's)
 
     def pixels(self, value: float, height: int, width: int, least: int = 1) -> int:
         return max(least, int(round(value * min(height, width) / REFERENCE_SIDE)))
@@ -241,6 +244,42 @@ def effects(least: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return np.where(keep[labels], least, 0.0).astype(np.float32)
 
 
+def palette(frame: np.ndarray, region: np.ndarray, size: int, samples: int = 4096, rounds: int = 6) -> np.ndarray:
+    """A few dominant colours of ``frame`` over ``region`` (k-means on a
+    fixed subsample): what the object can lend an effect such as its
+    reflection. [size, 3] (none when the region is empty)."""
+    pixels = frame[region]
+    if len(pixels) < size:
+        return np.zeros((0, 3), np.float32)
+    pixels = pixels[np.linspace(0, len(pixels) - 1, min(samples, len(pixels))).astype(int)]
+    centres = pixels[np.linspace(0, len(pixels) - 1, size).astype(int)].copy()
+    for _ in range(rounds):
+        nearest = np.argmin(((pixels[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+        for j in range(size):
+            if (nearest == j).any():
+                centres[j] = pixels[nearest == j].mean(axis=0)
+    return centres.astype(np.float32)
+
+
+def effect_colours(alpha: np.ndarray, diff: np.ndarray, bg: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Where an effect was found, the alpha of the colour that explains the
+    pixel best: black (a shadow), white (a light) or one of the object's own
+    colours (a reflection). The least alpha stays the floor: it is what any
+    colour needs at the least."""
+    where = alpha > 0
+    if not where.any():
+        return alpha
+    d, b = diff[where], bg[where]
+    candidates = np.concatenate([np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], np.float32), colours])
+    span = candidates[None] - b[:, None]  # [N, C, 3]
+    a = np.clip((d[:, None] * span).sum(-1) / np.maximum((span * span).sum(-1), 1e-6), 0.0, 1.0)
+    residual = np.abs(d[:, None] - a[..., None] * span).max(-1)
+    best = a[np.arange(len(a)), np.argmin(residual, axis=1)]
+    out = alpha.copy()
+    out[where] = np.maximum(best, alpha[where])
+    return out
+
+
 class FrameSolver:
     """Solves the layers one frame at a time, carrying the temporal filter's
     state from frame to frame."""
@@ -276,6 +315,7 @@ class FrameSolver:
         for k, ((a, s), m) in enumerate(zip(bodies, masks)):
             seeds = ndimage.maximum_filter(s | m, size=2 * self.reach + 1)
             e = effects(np.where(owner == k, least, 0.0), seeds)
+            e = effect_colours(e, d, bg, palette(f, a >= 1.0, self.settings.palette))
             out.append(np.maximum(a, e))
         return out
 

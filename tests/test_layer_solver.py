@@ -79,6 +79,21 @@ def test_light_gets_its_opacity():
     np.testing.assert_allclose(alpha[:, glow & ~obj], 0.4, atol=1e-5)
 
 
+def test_reflection_gets_its_opacity_in_the_objects_colours():
+    """A reflection: the object's two colours mirrored below it at 40%."""
+    bg = _ground()
+    frame = bg.copy()
+    obj = _box(20, 50, 40, 80)
+    colours = np.where((np.arange(W) // 8 % 2 == 0)[None, :, None], (0.9, 0.6, 0.2), (0.3, 0.3, 0.8)).astype(np.float32)
+    colours = np.broadcast_to(colours, (H, W, 3))
+    frame[obj] = colours[obj]
+    mirror = _box(50, 80, 40, 80)
+    frame[mirror] = 0.4 * colours[mirror] + 0.6 * bg[mirror]
+    video, plate = np.broadcast_to(frame, (T, H, W, 3)), np.broadcast_to(bg, (T, H, W, 3))
+    [alpha] = solve_layers(video, plate, _masks(obj))
+    np.testing.assert_allclose(alpha[:, 52:80, 42:78], 0.4, atol=0.02)  # off the one-pixel rim by the body
+
+
 def test_far_specks_and_noise_are_not_the_object():
     video, bg, obj, shade, _ = _scene(shadow=0.5)
     rng = np.random.default_rng(1)
