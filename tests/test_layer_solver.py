@@ -158,3 +158,25 @@ def test_refuses_what_does_not_fit():
         solve_layers(video, bg, [])
     with pytest.raises(OmnimatteError, match="share one"):
         solve_layers(video, bg[:, :50], _masks(obj))
+
+
+def test_synthetic_clip_meets_the_bar_on_a_small_grid():
+    """A generated two-object clip (a shadow and a reflection), both plates:
+    the object, its effects and nothing else (at real size:
+    test_layers_real_size.py)."""
+    from mlx_omnimatte import metrics, synth
+    from mlx_omnimatte.io.masks import dilate_mask
+
+    clip = synth.make_clip(3, frames=6, size=(320, 192), objects=2, effects=["shadow", "reflection"],
+                           plate="removal")
+    for plate in (clip.background, clip.removal_plate):
+        alphas = solve_layers(clip.video, plate, clip.masks)
+        for k, alpha in enumerate(alphas):
+            truth = clip.alpha[k]
+            obj = clip.object_alpha[k] > 0.5
+            effect = (clip.effect[k] > 0.05) & ~dilate_mask(obj, 5)
+            empty = (truth < 0.01) & ~dilate_mask(truth >= 0.01, 5)
+            assert metrics.iou(alpha, truth, ignore=effect) > 0.95
+            assert metrics.alpha_errors(alpha, truth, obj)["mae"] < 0.03
+            assert metrics.alpha_errors(alpha, truth, effect)["mae"] < 0.08
+            assert float(alpha[empty].mean()) < 0.005
