@@ -36,7 +36,9 @@ from .settings import Mode
 
 RATES_VERSION = 2  # bump when the probe changes: cached figures are then measured again
 DIT_EFFICIENCY = 0.6  # of the matmul rate, a DiT forward at real size (parity/bench_transformer.py)
-CONV_EFFICIENCY = 0.25  # of the matmul rate, the VAE's 3D convolutions
+CONV_EFFICIENCY = 0.55  # of the matmul rate, the VAE's 3D convolutions (the tiny bundle's VAE here)
+ENCODER_START = 1.0  # seconds an encoder stage costs beyond its FLOPs (load, preprocessing)
+IMAGE_TOKENS = 257
 LOAD_BYTES_PER_S = 1.0e9  # reading safetensors from disk
 LONG_RUN = 30 * 60  # the header warns past this
 TEXT_TOKENS = 512
@@ -70,7 +72,11 @@ PROBES = {
 
 
 def machine_key() -> str:
-    return f"{platform.system()}-{platform.machine()}-{os.cpu_count()}cpu-mlx{mx.__version__}-{mx.default_device()}"
+    """The machine, MLX and its device, and a preloaded BLAS (Linux CPU runs
+    differ tenfold with and without one)."""
+    blas = Path(os.environ.get("LD_PRELOAD", "").split(":")[0]).name
+    return (f"{platform.system()}-{platform.machine()}-{os.cpu_count()}cpu-mlx{mx.__version__}-{mx.default_device()}"
+            + (f"-{blas}" if blas else ""))
 
 
 def rates_file() -> Path:
@@ -226,7 +232,8 @@ def solver_cost(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: Op
 
 
 def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_bytes: dict, steps: int, windows: int,
-                tokens: int, trajectories: int, dtype: str, rates: Rates, prompt_cached: bool) -> list[StageCost]:
+                tokens: int, trajectories: int, dtype: str, rates: Rates, prompt_cached: bool,
+                vae_base: int = 96) -> list[StageCost]:
     """The model stages of removal, two-stage and experts runs."""
     rate = rates.flops(dtype)
     conv = rates.flops("float32") * CONV_EFFICIENCY
@@ -236,14 +243,16 @@ def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_byte
     out = [StageCost("load models", f"{sum(bundle_bytes.values()) / 1e9:.1f} GB", load)]
     if not prompt_cached:
         t5 = bundle_bytes.get("t5", 0) / 2  # bf16 parameters
-        out.append(StageCost("text encoder", f"{TEXT_TOKENS} tokens", 2 * t5 * TEXT_TOKENS / rate))
-    out.append(StageCost("vae encode", f"{grid.frames} frames", px * vae_flops_per_pixel() / conv))
+        out.append(StageCost("text encoder", f"{TEXT_TOKENS} tokens", 2 * t5 * TEXT_TOKENS / rate + ENCODER_START))
+    clip = bundle_bytes.get("clip", 0) / 2  # fp16 parameters
+    out.append(StageCost("image encoder", f"{IMAGE_TOKENS} tokens", 2 * clip * IMAGE_TOKENS / rate + ENCODER_START))
+    out.append(StageCost("vae encode", f"{grid.frames} frames", px * vae_flops_per_pixel(vae_base) / conv))
     seconds = forwards * dit_forward_flops(cfg, tokens) / (rate * DIT_EFFICIENCY)
     out.append(StageCost("denoise", f"{forwards} DiT forwards ({trajectories} trajectories x {steps} steps x "
                                     f"{windows} windows, {tokens} tokens)", seconds))
     decodes = trajectories * (2 if mode is Mode.DECOMPOSE else 1)
     out.append(StageCost("vae decode", f"{decodes} x {grid.frames} frames",
-                         decodes * px * vae_flops_per_pixel(decode=True) / conv))
+                         decodes * px * vae_flops_per_pixel(vae_base, decode=True) / conv))
     return out
 
 
@@ -273,8 +282,9 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     if prompt_cached:
         sizes.pop("t5")
     cfg = read_config(bundle.path("transformer"))
+    vae_base = read_config(bundle.path("vae")).get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
-                        req.trajectories, settings.dtype, rates, prompt_cached)
+                        req.trajectories, settings.dtype, rates, prompt_cached, vae_base)
     if req.mode is Mode.TWO_STAGE:
         return [costs[0], *model, costs[1], costs[2]]
     return [costs[0], *model, costs[2]]
