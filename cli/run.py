@@ -70,14 +70,13 @@ _MODEL_ONLY = ("bundle", "method", "steps", "shift", "sampler", "dtype", "tau", 
 _UNET_ONLY = ("iterations", "batch_frames", "lr")
 
 
-def _unused_options(request: Request, given: set[str]) -> None:
+def _unused_options(request: Request, given: dict[str, str]) -> None:
     """The method is what the user asked for, or an error: an option the
     chosen method would ignore is refused in one line."""
     def refuse(names, why):
         hit = [n for n in names if n in given]
         if hit:
-            flag = "--" + hit[0].replace("_args", "").replace("_", "-")
-            raise OmnimatteError(f"{flag}: {why}")
+            raise OmnimatteError(f"{given[hit[0]]}: {why}")
 
     if request.mode is Mode.PLATE:
         refuse(_MODEL_ONLY, "a clean-plate run uses no model (drop it, or drop --clean-plate)")
@@ -96,9 +95,10 @@ def _unused_options(request: Request, given: set[str]) -> None:
             raise OmnimatteError(f"--expert {kind}=...: --tau {request.settings.tau} never runs the {kind} expert")
 
 
-def _given(ctx: click.Context) -> set[str]:
-    """The parameters set on the command line (not defaults)."""
-    return {name for name in ctx.params
+def _given(ctx: click.Context) -> dict[str, str]:
+    """The parameters set on the command line (not defaults): name -> flag."""
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    return {name: flags[name] for name in ctx.params
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
 
 

@@ -211,14 +211,12 @@ def vae_flops_per_pixel(base: int = 96, decode: bool = False) -> float:
     return total
 
 
-def clean_plate_costs(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: OptimizeSettings,
-                      plate_video: bool) -> list[StageCost]:
+def io_costs(grid: GridPlan, streams: int, outputs: int, rates: Rates) -> tuple[StageCost, StageCost]:
+    """Reading ``streams`` source videos and writing ``outputs`` layers (or
+    backgrounds), frame by frame."""
     src = grid.src_width * grid.src_height * grid.src_frames
-    streams = 1 + objects + plate_video
-    out = [StageCost("read video", f"{grid.src_frames} frames x {streams} streams", src * streams * rates.read)]
-    out.append(solver_cost(grid, objects, rates, solver, opt))
-    out.append(StageCost("write", f"{grid.src_frames} frames x {objects} layers", src * objects * rates.write))
-    return out
+    return (StageCost("read video", f"{grid.src_frames} frames x {streams} streams", src * streams * rates.read),
+            StageCost("write", f"{grid.src_frames} frames x {outputs} outputs", src * outputs * rates.write))
 
 
 def solver_cost(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: OptimizeSettings) -> StageCost:
@@ -275,9 +273,11 @@ def probes_for(req: CostRequest) -> tuple[str, ...]:
 def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | None = None, settings=None,
               windows: int = 1, tokens: int = 0, prompt_cached: bool = True) -> list[StageCost]:
     """Every stage of the run, in order, with its work and estimated seconds."""
-    costs = clean_plate_costs(grid, req.objects, rates, req.solver, req.optimize, req.plate_video)
+    read, write = io_costs(grid, 1 + req.objects + req.plate_video,
+                           req.trajectories if req.mode is Mode.REMOVE else req.objects, rates)
+    solve = [solver_cost(grid, req.objects, rates, req.solver, req.optimize)] if req.solver in ("fast", "unet") else []
     if req.mode is Mode.PLATE:
-        return costs
+        return [read, *solve, write]
     sizes = {c: bundle.weight_bytes(c) for c in ("transformer", "vae", "t5", "clip")}
     if prompt_cached:
         sizes.pop("t5")
@@ -285,9 +285,7 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     vae_base = read_config(bundle.path("vae")).get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
                         req.trajectories, settings.dtype, rates, prompt_cached, vae_base)
-    if req.mode is Mode.TWO_STAGE:
-        return [costs[0], *model, costs[1], costs[2]]
-    return [costs[0], *model, costs[2]]
+    return [read, *model, *solve, write]
 
 
 def render_costs(costs: list[StageCost]) -> list[str]:
