@@ -75,20 +75,26 @@ class _PlainBar:
         self.name, self.total, self.stream, self.unit = name, total, stream, unit
         self.start = self.last = time.perf_counter()
         self.n, self.detail = 0, ""
+        self.first: tuple[int, float] | None = None  # (units, time) when the first unit was done
         self._line()
 
     def _line(self) -> None:
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        elapsed = now - self.start
         of = f"/{self.total}" if self.total else ""
         eta = ""
-        if self.total and self.n:
-            eta = f", ETA {elapsed / self.n * (self.total - self.n):.0f} s"
+        # the first unit pays for compilation and warm-up: the rate is timed after it
+        if self.total and self.first and self.n > self.first[0] and self.n < self.total:
+            rate = (now - self.first[1]) / (self.n - self.first[0])
+            eta = f", ETA {rate * (self.total - self.n):.0f} s"
         detail = f", {self.detail}" if self.detail else ""
         print(f"{self.name}: {self.n}{of} {self.unit}, {elapsed:.0f} s{eta}{detail}", file=self.stream, flush=True)
 
     def update_to(self, n: int, detail: str, total: int | None = None) -> None:
         self.n, self.detail, self.total = n, detail or self.detail, total or self.total
         now = time.perf_counter()
+        if self.first is None and n > 0:
+            self.first = (n, now)
         if now - self.last >= PLAIN_INTERVAL:
             self.last = now
             self._line()

@@ -43,6 +43,18 @@ def test_plain_lines_when_not_a_terminal(monkeypatch):
     assert [r.name for r in rec.records] == ["denoise 00"]
 
 
+def test_eta_is_timed_after_the_first_unit(monkeypatch):
+    """The first step pays for compilation: it does not set the rate."""
+    clock = iter([0.0, 0.0, 100.0, 100.0, 101.0, 101.0])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(P, "PLAIN_INTERVAL", 0.0)
+    bar = P._PlainBar("denoise", 10, io.StringIO(), "step")
+    bar.update_to(1, "")
+    assert "ETA" not in bar.stream.getvalue()
+    bar.update_to(2, "")
+    assert bar.stream.getvalue().strip().splitlines()[-1] == "denoise: 2/10 step, 101 s, ETA 8 s"
+
+
 def test_plain_lines_are_rate_limited(monkeypatch):
     stream = io.StringIO()
     rec = P.Progress(stream=stream)

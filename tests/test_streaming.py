@@ -66,7 +66,7 @@ def test_clip_is_read_onto_the_grid_in_one_pass(tmp_path):
     np.testing.assert_array_equal(binarize_mask(clip.masks[0]), binarize_mask(resize_masks(mask, (48, 32))))
     full = read_video(video)[0]
     np.testing.assert_array_equal(clip.first_frame, full[0])
-    assert calls[0][:3] == ("read video", 0, 2 * T) and calls[-1][1] == 2 * T  # video and mask, per frame
+    assert calls[0][:3] == ("read video + 1 mask", 0, 2 * T) and calls[-1][1] == 2 * T  # video and mask, per frame
 
 
 def test_truncated_video_is_reported_as_damage(tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_reading_and_writing_show_progress(tmp_path, capsys):
     code, _, err = run_cli(["decompose", video, "--mask", mask, "--clean-plate", image / "00000.png", "-o",
                             tmp_path / "out"], capsys)
     assert code == 0, err
-    assert f"read video: {2 * T}/{2 * T}" in err and f"write: {T}/{T}" in err  # plain lines: not a terminal
+    assert f"read video + 1 mask: {2 * T}/{2 * T}" in err and f"write: {T}/{T}" in err  # plain lines: not a terminal
     assert "\r" not in err
 
 

@@ -249,8 +249,10 @@ def read_clip(spec: ClipSpec, size: tuple[int, int] | None = None, report: Repor
     streaming pass per file, each frame resized to ``size`` (W, H; None: keep
     the source's) as it is decoded. The masks were matched against the video
     from their headers (`resolve_clip`)."""
-    n = spec.info.frames
-    with stage(report, "read video", n * (1 + len(spec.masks))) as tick:
+    n, k = spec.info.frames, len(spec.masks)
+    # the count is of frames over every file: the name says which files
+    name = "read video" + (f" + {k} mask{'s' if k > 1 else ''}" if k else "")
+    with stage(report, name, n * (1 + k)) as tick:
         frames, first = read_frames(spec.video, n, size, tick=tick)
         masks = [_read_mask(p, n, size, tick) for p in spec.masks]
     infos = [replace(probe_video(p, spec.info.fps), frames=n) for p in spec.masks]

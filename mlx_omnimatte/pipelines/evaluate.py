@@ -78,11 +78,33 @@ class Evaluation:
         for name, r in self.rows.items():
             cells = "".join(f"{_fmt(r.get(c)):>{w}}" for c, w in zip(cols, widths))
             lines.append(f"{name:<8}{cells}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.legend(cols))
+
+    def legend(self, cols) -> list[str]:
+        lines = [f"  {c}: {LEGEND[c]}" for c in cols]
+        if "all" in self.rows:
+            lines.append("  (the layers share one background: each is measured in the 'all' recomposition, "
+                         "where the others are present)")
+        return lines
 
 
 COLUMN_ORDER = ["recompose_psnr", "recompose_ssim", "object_mae", "object_mse", "effect_mae", "effect_mse",
                 "effect_pixels", "iou", "false_alpha", "false_pixels", "background_psnr"]
+
+
+LEGEND = {
+    "recompose_psnr": "PSNR in dB of alpha*fg + (1-alpha)*bg against the input (higher is better)",
+    "recompose_ssim": "SSIM of that recomposition, 0-1 (higher is better)",
+    "object_mae": "mean |alpha - truth| on the object (truth object alpha > 0.5), alpha in 0-1",
+    "object_mse": "mean squared alpha error on the object",
+    "effect_mae": "mean |alpha - truth| on the effect (truth effect > 0.05, off the object by 5 px)",
+    "effect_mse": "mean squared alpha error on the effect",
+    "effect_pixels": "pixels of the effect region over the clip",
+    "iou": "IoU of alpha > 0.5 with the truth's, the effect region left out",
+    "false_alpha": "mean alpha where the layer is empty (truth < 0.01, 5 px off anything): 0 is right",
+    "false_pixels": "pixels of that empty region over the clip",
+    "background_psnr": "PSNR in dB of the background against the true plate",
+}
 
 
 def _fmt(v) -> str:
@@ -233,4 +255,10 @@ def evaluate(out, clip, truth=None) -> Evaluation:
         shared = len(layers) > 1 and shared_background(layers)
         per_frame = list(pool.map(lambda i: frame_measures(layers, video, i, t, index, shared),
                                   range(video.shape[0])))
-    return Evaluation(summarize(per_frame))
+    rows = summarize(per_frame)
+    if "all" in rows:  # one layer over the shared background alone lacks the others: not a measure of it
+        for name, row in rows.items():
+            if name != "all":
+                row.pop("recompose_psnr", None)
+                row.pop("recompose_ssim", None)
+    return Evaluation(rows)

@@ -83,6 +83,11 @@ def _to_layers(clip: Clip, alphas: list[np.ndarray], background: GridVideo) -> d
             for name, a in zip(clip.names, alphas)}
 
 
+def named(report: Report, name: str) -> Report:
+    """The same callback with the object's name after each stage's."""
+    return None if report is None else (lambda stage, *a: report(f"{stage} {name}", *a))
+
+
 def _fit_layers(frames, background, masks: list[np.ndarray], opt: OptimizeSettings, solver: str,
                 report: Report) -> list[np.ndarray]:
     """Alpha per object (front to back) on the working grid, by the fast
@@ -114,7 +119,7 @@ def run_two_stage(clip: Clip, bundle: Bundle, settings: Settings, opt: OptimizeS
     alphas = []
     for i, name in enumerate(clip.names):
         solo_video = _on_grid(videos[f"solo_{name}"].frames, size)
-        alphas += _fit_layers(solo_video, bg, [masks[i]], opt, solver, report)
+        alphas += _fit_layers(solo_video, bg, [masks[i]], opt, solver, named(report, name))
     return _to_layers(clip, alphas, videos[ALL])
 
 
