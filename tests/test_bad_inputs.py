@@ -133,3 +133,13 @@ def test_batch_longer_than_the_clip_is_clamped_and_said(clip, tmp_path, capsys, 
                             "--layer-solver", "unet", "--iterations", "2", "--batch-frames", "50"], capsys)
     assert code == 0, err
     assert "--batch-frames 50: the clip has 9 frames; using 9" in err and seen["batch"] == 9
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--shadow-opacity", "nan"], "--shadow-opacity nan: must be a number in [0, 1]"),
+    (["--size", "100000x100000"], "--size 100000x100000 with 21 frames needs about"),
+    (["--size", "16000x16000", "--frames", "10000"], "more than this machine's"),
+])
+def test_synth_refuses_before_any_array(tmp_path, capsys, extra, match):
+    out = tmp_path / "clip"
+    assert_refused(["synth", "-o", out, *extra], capsys, match, out)
