@@ -28,7 +28,7 @@ from mlx_omnimatte.progress import Progress
 @click.option("--seed", type=int, default=43, show_default=True, help="Seed of the noise.")
 @click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def analyze(bundle, data, out, t, clips, size, dtype, seed, cache_dir, overwrite, quiet):
     """Measure, block by block, how much of the object's self-attention the
     frozen DiT puts on the object's effects (shadows, reflections), over

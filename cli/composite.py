@@ -91,7 +91,7 @@ def _read_layers(paths, frames: int, progress) -> list[tuple[np.ndarray, np.ndar
               help="Fit a background of another size or length: stretch (resize; time-stretch), crop (scale "
                    "to cover, centre-crop; loop in time) or loop (resize; repeat forth and back).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def composite(layers, background, out, fit, overwrite, quiet):
     """Put foreground layers (RGBA PNG folders, .mov or .webm; back to front)
     over a new background image or video, at the layers' fps. A background

@@ -23,7 +23,7 @@ from mlx_omnimatte.train.validate import ValidationSettings
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Latent cache folder.")
 @click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: each clip's size).")
 @click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def prepare(bundle, data, out, size, cache_dir, quiet):
     """Encode every object of every clip of DATA once into a latent cache
     (condition latent, mask channels, alpha and clean-background latents,
@@ -67,7 +67,7 @@ def prepare(bundle, data, out, size, cache_dir, quiet):
 @click.option("--val-steps", type=int, default=4, show_default=True, help="Denoising steps of the validation.")
 @click.option("--val-shift", type=float, default=5.0, show_default=True, help="Sigma shift of the validation.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (or a finished one to more steps).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def train(bundle, cache, kind, out, steps, rank, alpha, k, lr, batch, grad_accum, shift, seed, checkpoint_every,
           dtype, no_grad_checkpoint, val_cache, val_steps, val_shift, resume, quiet):
     """Train an Effect or Quality expert (LoRA on the replica tokens of the
