@@ -50,10 +50,8 @@ folder) and background videos (a video, a frame folder, or a folder of them).
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +61,7 @@ from PIL import Image
 from .compositing import as_float
 from .errors import OmnimatteError
 from .io.grid import mirror_indices, resize_frames
+from .io.truth import ALPHA_BITS, each_frame
 from .io.video import list_frame_files, read_video
 from .io.writers import PNG_COMPRESS, atomic_output, frame_name
 from .metrics import gaussian_blur, gaussian_kernel
@@ -94,9 +93,7 @@ REMOVAL_DRIFT_PERIOD = 24  # frames between independent drift fields
 EFFECT_STREAM, REMOVAL_STREAM = 1, 2  # seed-derived streams: the clip's own draws stay as they were
 BG_PAN = 0.08  # procedural background drift over the clip, fraction of the width
 MASK_THRESHOLD = 0.5  # the model's mask = object alpha above this
-ALPHA_BITS = 16  # truth alpha maps are 16-bit grayscale PNG
 TRUTH_PNG_COMPRESS = 1  # zlib level of the truth PNGs: fastest, barely bigger
-WORKERS = 4  # threads for the frames (at most the CPU count)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 
 
@@ -703,14 +700,6 @@ def _empty_clip(bg: np.ndarray, kinds: list[str], caption: str) -> SynthClip:
     )
 
 
-def each_frame(count: int, work) -> None:
-    """``work(i)`` for every frame, on a few threads: the frames are
-    independent and numpy lets go of the GIL in its array loops."""
-    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, os.cpu_count() or 1))) as pool:
-        for _ in pool.map(work, range(count)):
-            pass  # re-raises a frame's error
-
-
 def _quantize(x: np.ndarray) -> np.ndarray:
     """``to_uint8`` of float ``x`` (the same values), in place on one temporary."""
     y = np.multiply(x, 255.0, dtype=np.float32)
@@ -883,26 +872,6 @@ def _write_pngs(folder: Path, frames, convert=None, level: int = TRUTH_PNG_COMPR
     each_frame(len(frames), frame)
 
 
-def _read_gray16(file: Path) -> np.ndarray:
-    with Image.open(file) as im:
-        scale = 65535.0 if im.mode.startswith("I") else 255.0
-        return np.asarray(im, dtype=np.float32) / scale
-
-
-def _read_alpha16(folder: Path) -> np.ndarray:
-    files = list_frame_files(folder)
-    if not files:
-        raise OmnimatteError(f"{folder}: no frames")
-    first = _read_gray16(files[0])
-    out = np.empty((len(files),) + first.shape, np.float32)  # filled in place, no stacked copy
-
-    def frame(i):
-        out[i] = _read_gray16(files[i]) if i else first
-
-    each_frame(len(files), frame)  # Pillow decodes without the GIL
-    return out
-
-
 def write_clip(clip: SynthClip, folder, overwrite: bool = False, meta: dict | None = None) -> Path:
     """Generative Omnimatte layout plus ``truth/``, lossless PNG, atomic;
     ``truth/background_removal/`` too when the clip has a removal plate."""
@@ -928,23 +897,6 @@ def write_clip(clip: SynthClip, folder, overwrite: bool = False, meta: dict | No
                 "plate": clip.plate, **(meta or {})}
         (truth / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
     return folder
-
-
-def read_truth(folder, foreground: bool = True) -> dict:
-    """The truth of a written clip (``folder`` = the clip or its truth/);
-    ``foreground=False`` leaves out the layers' colours."""
-    folder = Path(folder)
-    truth = folder / "truth" if (folder / "truth").is_dir() else folder
-    meta_file = truth / "meta.json"
-    if not meta_file.is_file():
-        raise OmnimatteError(f"{folder}: no truth/meta.json (not a synthetic clip)")
-    meta = json.loads(meta_file.read_text())
-    out = {"background": read_video(truth / "background")[0], "names": list(meta["names"]), "meta": meta}
-    for key in ("alpha", "effect", "object_alpha"):
-        out[key] = [_read_alpha16(truth / f"{key}_{n}") for n in meta["names"]]
-    if foreground:
-        out["foreground"] = [read_video(truth / f"foreground_{n}")[0] for n in meta["names"]]
-    return out
 
 
 def write_dataset(out, count: int, seed: int = 0, overwrite: bool = False, report=None,

@@ -12,7 +12,7 @@ from mlx_omnimatte.pipelines import cost
 from mlx_omnimatte.pipelines.optimize import OptimizeSettings
 from mlx_omnimatte.pipelines.settings import Mode
 
-RATES = cost.Rates({"read": 1e-8, "solve": 2e-7, "write": 3e-7, "unet": 1e-4, "flops_float32": 1e11,
+RATES = cost.Rates({"read": 1e-8, "solve": 2e-7, "write": 3e-7, "unet": 1e-4, "unet_start": 5.0, "flops_float32": 1e11,
                     "flops_bfloat16": 2e11})
 
 
@@ -20,14 +20,15 @@ def test_clean_plate_stages_and_seconds():
     grid = plan_grid(832, 480, 81, min_frames=1)
     px = 832 * 480 * 81
     fast = cost.run_costs(cost.CostRequest(Mode.PLATE, 2, "fast", plate_video=True), grid, RATES)
-    assert [c.name for c in fast] == ["read video", "solve layers", "write"]
-    assert fast[0].seconds == pytest.approx(px * 4 * 1e-8)  # video, two masks, the plate
-    assert fast[1].seconds == pytest.approx(px * 2 * 2e-7)
-    assert fast[2].seconds == pytest.approx(px * 2 * 3e-7)
+    assert [c.name for c in fast] == ["start-up", "read video", "solve layers", "write"]
+    assert 0 < fast[0].seconds < 60  # this process's CPU seconds so far
+    assert fast[1].seconds == pytest.approx(px * 4 * 1e-8)  # video, two masks, the plate
+    assert fast[2].seconds == pytest.approx(px * 2 * 2e-7)
+    assert fast[3].seconds == pytest.approx(px * 2 * 3e-7)
     opt = OptimizeSettings(batch_frames=16).scaled(300)
     unet = cost.run_costs(cost.CostRequest(Mode.PLATE, 1, "unet", opt), grid, RATES)
-    assert unet[1].name == "optimize" and "300 iterations x 16 frames" in unet[1].work
-    assert unet[1].seconds == pytest.approx(300 * 16 * 832 * 480 * 1e-4)  # 832x480 is already a multiple of 32
+    assert unet[2].name == "optimize" and "300 iterations x 16 frames" in unet[2].work
+    assert unet[2].seconds == pytest.approx(300 * 16 * 832 * 480 * 1e-4 + 5.0)  # 832x480: a multiple of 32
 
 
 def test_dit_forwards_and_flops():
@@ -57,12 +58,12 @@ def test_rates_are_probed_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_OMNIMATTE_RATES", str(tmp_path / "r" / "rates.json"))
     monkeypatch.setitem(cost.PROBE_FUNCTIONS, "plate",
                         lambda: calls.append("plate") or {"read": 1.0, "solve": 2.0, "write": 3.0})
-    monkeypatch.setitem(cost.PROBE_FUNCTIONS, "unet", lambda: calls.append("unet") or {"unet": 4.0})
+    monkeypatch.setitem(cost.PROBE_FUNCTIONS, "unet", lambda: calls.append("unet") or {"unet": 4.0, "unet_start": 1.0})
     assert cost.machine_rates(("plate",)).solve == 2.0
     assert cost.machine_rates(("plate",)).write == 3.0 and calls == ["plate"]
     assert cost.machine_rates(("plate", "unet")).unet == 4.0 and calls == ["plate", "unet"]
     table = json.loads((tmp_path / "r" / "rates.json").read_text())
-    assert list(table.values()) == [{"read": 1.0, "solve": 2.0, "write": 3.0, "unet": 4.0}]
+    assert list(table.values()) == [{"read": 1.0, "solve": 2.0, "write": 3.0, "unet": 4.0, "unet_start": 1.0}]
     (tmp_path / "r" / "rates.json").write_text("{not json")
     assert cost.machine_rates(("plate",)).read == 1.0 and calls == ["plate", "unet", "plate"]
 

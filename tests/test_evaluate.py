@@ -11,7 +11,8 @@ from mlx_omnimatte.io.inputs import load_clip_folder
 from mlx_omnimatte.pipelines.evaluate import EFFECT_DILATE, evaluate
 from mlx_omnimatte.pipelines.omnimatte import Layers
 from mlx_omnimatte.pipelines.outputs import write_decomposition
-from mlx_omnimatte.synth import make_clip, read_truth, write_clip
+from mlx_omnimatte.io.truth import read_truth
+from mlx_omnimatte.synth import make_clip, write_clip
 
 
 def _layers(clip, damage=None):

@@ -89,6 +89,8 @@ def project_imports(tree, module, is_package):
 def _known(target: str) -> str:
     """A `from package import name` may name a module or an attribute."""
     while target not in LAYERS and not any(target.startswith(p + ".") for p in LAYERS):
+        if "." not in target:
+            raise AssertionError(f"{target}: no layer assigned (add it to LAYERS)")
         target = target.rsplit(".", 1)[0]
     return target
 

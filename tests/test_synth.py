@@ -10,6 +10,7 @@ from mlx_omnimatte import synth
 from mlx_omnimatte.compositing import as_float, recompose
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
+from mlx_omnimatte.io.truth import read_truth
 from mlx_omnimatte.io.writers import write_png_frames
 
 
@@ -85,7 +86,7 @@ def test_write_and_read_truth(tmp_path):
     np.testing.assert_array_equal(loaded.frames, clip.video)
     assert loaded.names == ["00", "01"] and loaded.caption == clip.caption
     np.testing.assert_array_equal(loaded.masks[1] >= 240, clip.masks[1])
-    t = synth.read_truth(folder)
+    t = read_truth(folder)
     assert t["names"] == ["00", "01"]
     np.testing.assert_array_equal(t["background"], clip.background)
     for key in ("alpha", "effect", "object_alpha"):
@@ -95,7 +96,7 @@ def test_write_and_read_truth(tmp_path):
     with pytest.raises(OmnimatteError):
         synth.write_clip(clip, folder)  # exists
     with pytest.raises(OmnimatteError):
-        synth.read_truth(tmp_path)
+        read_truth(tmp_path)
 
 
 def test_user_sources(tmp_path):

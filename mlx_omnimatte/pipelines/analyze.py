@@ -45,11 +45,11 @@ from ..io.inputs import Clip, load_clip_folder
 from ..io.masks import build_trimask
 from ..io.video import natural_key
 from ..io.writers import atomic_output
+from ..io.truth import read_truth
 from ..memory import format_bytes
 from ..models.wan.transformer import Config as DiTConfig
 from ..progress import Report, stage
 from ..prompts import encode_prompts
-from ..synth import read_truth
 from ..weights import read_config
 from .conditioning import (CHANNELS_PER_LATENT_FRAME, VAE_STRIDE, condition_channels, model_input,
                            model_masks, model_video, plan_for)

@@ -34,7 +34,7 @@ from .optimize import OptimizeSettings, optimize_layers
 from .outputs import write_decomposition
 from .settings import Mode
 
-RATES_VERSION = 2  # bump when the probe changes: cached figures are then measured again
+RATES_VERSION = 3  # bump when the probe changes: cached figures are then measured again
 DIT_EFFICIENCY = 0.6  # of the matmul rate, a DiT forward at real size (parity/bench_transformer.py)
 CONV_EFFICIENCY = 0.55  # of the matmul rate, the VAE's 3D convolutions (the tiny bundle's VAE here)
 ENCODER_START = 1.0  # seconds an encoder stage costs beyond its FLOPs (load, preprocessing)
@@ -66,7 +66,7 @@ class Rates:
 # the last two); unet (per padded pixel-frame of an iteration); matmul FLOP/s
 PROBES = {
     "plate": ("read", "solve", "write"),
-    "unet": ("unet",),
+    "unet": ("unet", "unet_start"),
     "flops": ("flops_float32", "flops_bfloat16", "flops_float16"),
 }
 
@@ -163,15 +163,18 @@ def _plate_times(folder: Path, n: int, size) -> tuple[float, float, float]:
     return read, solve, write
 
 
-def probe_unet(size: int = 64, batch: int = 2, iterations: int = 2) -> dict:
-    clip = make_clip(1, frames=batch, size=(size, size))
+def probe_unet(size=(128, 96), batch: int = 2, iterations: int = 2) -> dict:
+    """Seconds per padded pixel-frame of an iteration and the compilation's
+    seconds, at a size where the U-Net's deepest levels are not empty."""
+    clip = make_clip(1, frames=batch, size=size)
 
     def run(n):
         optimize_layers(clip.video, clip.background, clip.masks, OptimizeSettings(batch_frames=batch).scaled(n))
 
     first = _timed(lambda: run(1))  # compiles
     more = _timed(lambda: run(1 + iterations))
-    return {"unet": max(more - first, 1e-4) / (iterations * batch * size * size)}
+    per_iteration = max(more - first, 1e-4) / iterations
+    return {"unet": per_iteration / (batch * size[0] * size[1]), "unet_start": max(first - per_iteration, 0.0)}
 
 
 def probe_flops() -> dict:
@@ -225,7 +228,7 @@ def solver_cost(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: Op
         return StageCost("solve layers", f"{grid.src_frames} frames x {objects} layers", px * objects * rates.solve)
     padded = (-(-grid.width // DOWNSAMPLE) * DOWNSAMPLE) * (-(-grid.height // DOWNSAMPLE) * DOWNSAMPLE)
     batch = min(opt.batch_frames, grid.src_frames)
-    seconds = opt.iterations * batch * padded * objects * rates.unet
+    seconds = opt.iterations * batch * padded * objects * rates.unet + rates.unet_start
     return StageCost("optimize", f"{opt.iterations} iterations x {batch} frames, {objects} U-Net(s)", seconds)
 
 
@@ -272,12 +275,14 @@ def probes_for(req: CostRequest) -> tuple[str, ...]:
 
 def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | None = None, settings=None,
               windows: int = 1, tokens: int = 0, prompt_cached: bool = True) -> list[StageCost]:
-    """Every stage of the run, in order, with its work and estimated seconds."""
+    """Every stage of the run, in order, with its work and estimated seconds
+    (the first: the start-up this process has already spent, its imports)."""
     read, write = io_costs(grid, 1 + req.objects + req.plate_video,
                            req.trajectories if req.mode is Mode.REMOVE else req.objects, rates)
     solve = [solver_cost(grid, req.objects, rates, req.solver, req.optimize)] if req.solver in ("fast", "unet") else []
+    start = StageCost("start-up", "imports (spent)", time.process_time())
     if req.mode is Mode.PLATE:
-        return [read, *solve, write]
+        return [start, read, *solve, write]
     sizes = {c: bundle.weight_bytes(c) for c in ("transformer", "vae", "t5", "clip")}
     if prompt_cached:
         sizes.pop("t5")
@@ -285,7 +290,7 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     vae_base = read_config(bundle.path("vae")).get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
                         req.trajectories, settings.dtype, rates, prompt_cached, vae_base)
-    return [read, *model, *solve, write]
+    return [start, read, *model, *solve, write]
 
 
 def render_costs(costs: list[StageCost]) -> list[str]:

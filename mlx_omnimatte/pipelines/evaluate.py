@@ -28,7 +28,6 @@ at 832x480 and 81 frames with 2 objects takes about 1.7 GB.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..errors import OmnimatteError
 from ..io.inputs import load_clip_folder
 from ..io.masks import dilate_mask
 from ..io.video import read_rgba, read_video
-from ..synth import read_truth
+from ..io.truth import read_truth, workers
 
 OBJECT_PREFIX = "object_"
 LAYER_NAMES = ("layer", "layer.mov", "layer.webm")
@@ -51,7 +50,6 @@ EFFECT_THRESHOLD = 0.05
 EFFECT_DILATE = 5
 EMPTY_ALPHA = 0.01  # truth layer alpha under this (and a margin away) counts as empty
 SHARED_TOLERANCE = 2.0 / 255.0  # mean difference under which backgrounds count as one
-WORKERS = 4  # threads (at most the CPU count)
 
 
 @dataclass
@@ -244,7 +242,7 @@ def evaluate(out, clip, truth=None) -> Evaluation:
     folders = output_folders(out)
     # Readers decode without the GIL (and numpy computes without it): threads
     # share the cores, for the files and then for the frames.
-    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
         video_job = pool.submit(lambda: load_clip_folder(clip).frames)
         layer_jobs = [pool.submit(read_layer, f) for f in folders]
         truth_job = pool.submit(read_truth, truth, False) if truth is not None else None

@@ -27,9 +27,9 @@ from ..io.grid import pad_frames, plan_grid, resize_frames
 from ..io.inputs import find_clip_files, load_clip_folder, mask_name, read_caption
 from ..io.masks import build_trimask
 from ..io.video import iter_frames
+from ..io.truth import read_truth
 from ..progress import Report, stage
 from ..prompts import encode_prompts
-from ..synth import read_truth
 from ..train import cache as lc
 from ..weights import load_model
 from .conditioning import condition_channels, model_masks, model_video
