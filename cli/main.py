@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "mlx_omnimatte.cli.train:train",
     "export": "mlx_omnimatte.cli.train:export",
     "analyze": "mlx_omnimatte.cli.analyze:analyze",
+    "calibrate-cache": "mlx_omnimatte.cli.cache:calibrate_cache",
 }
 
 
@@ -62,7 +63,12 @@ def cli():
     """Video layer decomposition (omnimatte) with MLX.
 
     \b
-    Examples:
+    Without any weights (a generated clip at a real size, decomposed against its plate):
+      mlx-omnimatte synth -o clips/synth --frames 81 --size 832x480 --objects 2 --effect shadow \\
+          --effect reflection --plate removal
+      mlx-omnimatte decompose clips/synth --clean-plate clips/synth/truth/background_removal -o out/synth
+      mlx-omnimatte evaluate out/synth --clip clips/synth --truth clips/synth/truth
+    With converted weights:
       mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer casper.safetensors -o models/casper-1.3b
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
       mlx-omnimatte decompose clips/boys-beach --bundle models/omnimatte-1.3b -o out/beach

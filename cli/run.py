@@ -44,7 +44,14 @@ _COMMON = [
     click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE)."),
     click.option("--dry-run", is_flag=True, help="Run every check, print the plan and predicted memory, then exit."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-    click.option("--quiet", is_flag=True, help="No progress bars."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+    click.option("--cache", default=None, metavar="none|teacache[:T]|magcache[:T]",
+                 help="DiT step cache: skip a forward while the estimated change since the last computed one "
+                      "stays under T (teacache 0.05, magcache 0.12 if not given; default none). The bundle's "
+                      "own figures from `calibrate-cache` when it has them, else the published Wan2.1-1.3B ones."),
+    click.option("--fast", is_flag=True,
+                 help="Preset: --sampler unipc --steps 25 --cache teacache:0.05 for those left at their defaults "
+                      "(at most 25 DiT forwards a window instead of 50)."),
 ]
 
 
@@ -66,7 +73,7 @@ def _refuse_overwriting_inputs(out: Path, request: Request) -> None:
 
 
 # options that only some methods read: method -> {parameter: why it is refused}
-_MODEL_ONLY = ("bundle", "method", "steps", "shift", "sampler", "dtype", "tau", "expert_args", "solo")
+_MODEL_ONLY = ("bundle", "method", "steps", "shift", "sampler", "dtype", "tau", "expert_args", "solo", "cache", "fast")
 _UNET_ONLY = ("iterations", "batch_frames", "lr")
 
 
@@ -192,8 +199,9 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--fit", type=click.Choice(FIT_MODES), default=None,
               help="Fit a clean plate of another size or length: stretch, crop or loop.")
 @click.option("--iterations", type=click.IntRange(0), default=OptimizeSettings.iterations, show_default=True,
-              help="U-Net optimization steps (--layer-solver unet); the reference's schedule "
-                   "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it.")
+              help="U-Net optimization steps (--layer-solver unet). Two-stage: the reference's schedule "
+                   "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it; clean "
+                   "plate: lr x0.1 at 70% and 90%, supervision towards the plate's least alpha throughout.")
 @click.option("--batch-frames", type=click.IntRange(1), default=OptimizeSettings.batch_frames, show_default=True,
               help="Consecutive frames per optimization step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=OptimizeSettings.lr, show_default=True,

@@ -49,6 +49,8 @@ def _plate(clip, tmp_path, *extra):
     (["--steps", "4"], "--steps: a clean-plate run uses no model"),
     (["--tau", "0.3"], "--tau: a clean-plate run uses no model"),
     (["--solo"], "--solo: a clean-plate run uses no model"),
+    (["--cache", "teacache"], "--cache: a clean-plate run uses no model"),
+    (["--fast"], "--fast: a clean-plate run uses no model"),
     (["--iterations", "50"], "--iterations: only --layer-solver unet optimizes"),
     (["--lr", "1e-3"], "--lr: only --layer-solver unet optimizes"),
     (["--layer-solver", "unet", "--lr", "nan"], "--lr nan: must be a finite number above 0"),

@@ -133,8 +133,7 @@ def branch_forward(model, expert: Optional[Expert], x_bg, x_alpha, t, context=No
     rope = (mx.concatenate([cos, cos], axis=0), mx.concatenate([sin, sin], axis=0))
     attn_fn = make_attn_fn(mask_type, n, budget_bytes)
     with expert_applied(model, expert):
-        for block in model.blocks:
-            x = block(x, e6, ctx, rope, attn_fn)
+        x = model.run_blocks(x, temb, e6, ctx, rope, attn_fn, tag=expert)
     y = model.head(x, temb)  # token-local: both halves at once
     v = model.unpatchify(mx.concatenate([y[:, :n], y[:, n:]], axis=0), grid)
     return v[:B], v[B:]

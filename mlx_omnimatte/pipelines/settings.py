@@ -11,6 +11,7 @@ from ..branch.experts import KINDS, check_tau
 from ..errors import OmnimatteError
 from ..memory import machine_memory
 from ..sampling import make_sampler
+from ..step_cache import TEACACHE_THRESHOLD, parse_cache
 from .windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, make_windows
 
 SEED_LIMIT = 1 << 64
@@ -45,13 +46,36 @@ class Settings:
     cache_dir: str | None = None  # prompt-embedding cache
     vae_tiling: bool | None = None  # None: tiles only when a frame does not fit vae_budget
     vae_budget: int | None = None  # bytes for the VAE; None: half of this machine's memory
+    cache: str | None = None  # DiT step cache: none | teacache[:T] | magcache[:T] (step_cache.py)
+    fast: bool = False  # the FAST preset for the settings above left at their defaults
 
     def __post_init__(self):
         check_settings(self)
 
 
+# `--fast`: Wan's own solver at half the reference's steps, with TeaCache at
+# the threshold mlx-examples calls "almost lossless" (0.05): at most 25
+# forwards a window instead of 50, the first 5 always computed
+FAST = {"sampler": "unipc", "steps": 25, "cache": f"teacache:{TEACACHE_THRESHOLD}"}
+
+
+def apply_fast(s: Settings) -> None:
+    """`fast` fills in the preset where a setting was left at its default (an
+    explicit --steps 50 or --sampler euler cannot be told from the default)."""
+    if s.fast is not True and s.fast is not False:
+        raise OmnimatteError(f"fast {s.fast!r}: must be True or False")
+    if not s.fast:
+        return
+    defaults = {f.name: f.default for f in fields(Settings)}
+    for name, value in FAST.items():
+        if getattr(s, name) == defaults[name]:
+            setattr(s, name, value)
+
+
 def check_settings(s: Settings) -> None:
     """Every setting checked once, before anything is read or loaded."""
+    apply_fast(s)
+    s.cache = str(parse_cache(s.cache))
     make_sampler(s.sampler, s.steps, s.shift)  # checks steps, shift and the sampler's name
     if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed < SEED_LIMIT:
         raise OmnimatteError(f"seed {s.seed!r}: must be an integer in [0, 2^64)")

@@ -26,6 +26,7 @@ from ..io.masks import build_trimask
 from ..progress import Report, stage
 from ..prompts import encode_prompts
 from ..sampling import make_sampler, sample
+from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
 from ..weights import load_model
 from .conditioning import Conditioning, condition_channels, model_masks, model_video, plan_for
 from .settings import Settings, vae_budget
@@ -92,13 +93,16 @@ def check_finite(v, step: int, steps: int, dtype: str) -> None:
 
 
 def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, report: Report = None,
-            label: str = "", describe=None, dtype: str = "float32"):
+            label: str = "", describe=None, dtype: str = "float32", cache=None):
     """Sample `latents` (an array or a list stepped together) along `sampler`.
 
     `window_velocity(x, t, (start, end))` returns the velocity of one temporal
     window; windows are blended at every step. `describe(t)` names what runs
     at a step (the expert) for the progress bar; `dtype` (of the weights)
-    goes into the message when the latents stop being finite.
+    goes into the message when the latents stop being finite. `cache`: the
+    trajectory's step cache (`step_cache.py`, attached to the DiT by the
+    caller): told which step and window each forward is, its counts go into
+    the progress detail.
     """
     first = latents[0] if isinstance(latents, (list, tuple)) else latents
     windows = make_windows(first.shape[1], window, overlap)
@@ -108,12 +112,30 @@ def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, rep
 
         def velocity(x, t, i):
             detail["d"] = describe(t) if describe is not None else ""
-            v = blend_velocity(window_velocity, x, t, windows)
+            v = blend_velocity(_at_step(window_velocity, cache, i), x, t, windows)
             mx.eval(v)
             check_finite(v, i, steps, dtype)
+            if cache is not None:
+                cache.step_done(i, v)
             return v
 
-        return sample(velocity, latents, sampler, callback=lambda i, t: tick(detail["d"]))
+        return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
+
+
+def _at_step(window_velocity, cache, step: int):
+    """The window velocity telling the cache which step and window each forward is."""
+    if cache is None:
+        return window_velocity
+
+    def at(x, t, span):
+        cache.at(step, span)
+        return window_velocity(x, t, span)
+
+    return at
+
+
+def _detail(described: str, cache) -> str:
+    return "; ".join(d for d in (described, cache.detail() if cache is not None else "") if d)
 
 
 def decode(vae, latent: mx.array, settings: Settings, report: Report, label: str) -> np.ndarray:
@@ -139,8 +161,10 @@ def noise(key, cond_latent: mx.array, count: int) -> list[mx.array]:
     return [mx.random.normal(cond_latent.shape, key=k) for k in keys]
 
 
-def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, report: Report) -> dict:
-    """label -> list of latents at sigma 0, one trajectory after another."""
+def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, report: Report,
+                calibration: Optional[Calibration] = None) -> dict:
+    """label -> list of latents at sigma 0, one trajectory after another, each
+    with a fresh step cache when one is asked for."""
     ctx = dit.embed_context(cond.context, cond.clip_fea)
     mx.eval(ctx)
     total = sum(t.latents for t in spec.trajectories)
@@ -148,14 +172,29 @@ def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, rep
     sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
     out, n = {}, 0
     for traj in spec.trajectories:
-        y = condition_channels(build_trimask(cond.masks, traj.remove), cond.cond_latent)
         z = starts[n : n + traj.latents]
         n += traj.latents
+        cache = new_cache(parse_cache(settings.cache), sampler.num_steps, calibration)
+        out[traj.label] = _trajectory(dit, cond, ctx, traj, z, spec, settings, sampler, report, cache)
+    return out
+
+
+def _trajectory(dit, cond: Conditioning, ctx, traj: Trajectory, z: list, spec: ModeSpec, settings: Settings,
+                sampler, report: Report, cache=None) -> list:
+    """One trajectory's latents at sigma 0, `cache` (or None) attached to the DiT."""
+    y = condition_channels(build_trimask(cond.masks, traj.remove), cond.cond_latent)
+    with attached(dit, cache):
         z = denoise(spec.velocity(dit, y, ctx), z if traj.latents > 1 else z[0], sampler=sampler,
                     window=settings.window, overlap=settings.overlap, report=report, label=traj.label,
-                    describe=spec.describe, dtype=settings.dtype)
-        out[traj.label] = list(z) if traj.latents > 1 else [z]
-    return out
+                    describe=spec.describe, dtype=settings.dtype, cache=cache)
+    return list(z) if traj.latents > 1 else [z]
+
+
+def bundle_calibration(bundle: Bundle, settings: Settings) -> Optional[Calibration]:
+    """The bundle's own step-cache figures when a cache is asked for and it has them."""
+    if not parse_cache(settings.cache).enabled:
+        return None
+    return read_calibration(bundle.path("transformer"))
 
 
 def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, report: Report = None,
@@ -163,13 +202,33 @@ def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, r
     """Run a mode's trajectories; returns (grid plan, {label: {name: decoded
     video [T, H, W, 3] in [0, 1] on the model grid}}), the latents of each
     trajectory decoded under the names of `decode_as`."""
+    calibration = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
     vae = load_stage(bundle, "vae", report)
     cond = encode_conditioning(clip, bundle, vae, settings, report)
     dit = load_stage(bundle, "transformer", report, settings.dtype)
     spec.check(dit)
-    latents = _sample_all(dit, cond, spec, settings, report)
+    latents = _sample_all(dit, cond, spec, settings, report, calibration)
     del dit
     free()
     decoded = {label: {name: decode(vae, z, settings, report, f"{label} {name}".strip()) for name, z in zip(decode_as, zs)}
                for label, zs in latents.items()}
     return cond.plan, decoded
+
+
+def run_calibration(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings,
+                    report: Report = None) -> Calibration:
+    """One reference trajectory (the spec's first) with every forward computed,
+    measured for the step caches (`calibrate-cache`); nothing is decoded."""
+    recorder = Recorder(settings.steps)
+    vae = load_stage(bundle, "vae", report)
+    cond = encode_conditioning(clip, bundle, vae, settings, report)
+    del vae
+    free()
+    dit = load_stage(bundle, "transformer", report, settings.dtype)
+    spec.check(dit)
+    ctx = dit.embed_context(cond.context, cond.clip_fea)
+    traj = spec.trajectories[0]
+    z = noise(mx.random.key(settings.seed), cond.cond_latent, traj.latents)
+    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
+    _trajectory(dit, cond, ctx, traj, z, spec, settings, sampler, report, recorder)
+    return recorder.calibration(settings.sampler, settings.shift, str(clip.source))

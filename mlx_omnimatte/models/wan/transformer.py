@@ -322,6 +322,8 @@ class ImageEmbedding(nn.Module):
 
 
 class Model(nn.Module):
+    step_cache = None  # a step cache's hook while one is attached (step_cache.py), else None
+
     def __init__(self, config: Config):
         super().__init__()
         cfg = self.config = config
@@ -400,7 +402,19 @@ class Model(nn.Module):
         for samplers that call the model many times with one prompt."""
         tokens, grid = self.patchify(x)
         temb, e6 = self.embed_time(t)  # a batch of 1 broadcasts over B
-        rope = self.rope(grid)
-        for block in self.blocks:
-            tokens = block(tokens, e6, ctx, rope, attn_fn)
+        tokens = self.run_blocks(tokens, temb, e6, ctx, self.rope(grid), attn_fn)
         return self.unpatchify(self.head(tokens, temb), grid)
+
+    def run_blocks(self, tokens, temb, e6, ctx, rope, attn_fn=None, tag=None):
+        """The block stack on tokens [B, L, D] float32. With a step cache
+        attached (`step_cache.attached`), the cache decides: it runs the stack
+        and keeps the residual, or adds the kept one; `tag` (the expert of a
+        branch forward) keys what it keeps."""
+
+        def stack(h):
+            for block in self.blocks:
+                h = block(h, e6, ctx, rope, attn_fn)
+            return h
+
+        cache = self.step_cache
+        return stack(tokens) if cache is None else cache(tokens, temb, e6, stack, tag)
