@@ -2,9 +2,16 @@
 one window of frames) for MLX and for the same network, losses and optimizer
 in torch, on this machine; their ratio; and an estimate for an M-series GPU.
 
-    python parity/bench_optimize.py                      # 384x672, batch 16 (minutes per iteration on CPU)
+    python parity/bench_optimize.py                      # 672x384 batch 16, then 352x192 batch 4
     python parity/bench_optimize.py --size 160x96 --batch 4 --iters 3
+    python parity/bench_optimize.py --size 352x192 --form plain    # the U-Net's plain form on the CPU
     python parity/bench_optimize.py --quality 60,120 --size 128x96 --batch 4   # decomposition figures
+
+MLX and torch iterations take turns (after one warm-up each) and each
+side's median is reported, so that load from other processes weighs on both
+alike. ``--form``: the U-Net's form (``unet.REARRANGE``; default by device:
+the rearranged form on the CPU); ``--parts``: the rearranged form's batch
+parts (``unet.PARTS``).
 
 ``--quality N,M,...``: on a synthetic clip (16 frames, a 50%-opacity shadow)
 with its true clean plate, run the clean-plate optimization for each
@@ -30,6 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from mlx_omnimatte.models import unet  # noqa: E402
 from mlx_omnimatte.pipelines import optimize as opt  # noqa: E402
 
 
@@ -45,7 +53,8 @@ def conv_macs(h: int, w: int, nf: int = 32, cin: int = 6) -> int:
     return macs + k * nf * 4 * h * w
 
 
-def mlx_seconds(h, w, batch, iters) -> float:
+def mlx_step(h, w, batch):
+    """One MLX iteration as a thunk (compiled and warmed up)."""
     s = opt.OptimizeSettings(batch_frames=batch)
     nets = opt.build_nets(1, s)
     adam = optim.AdamW(learning_rate=s.lr, betas=list(s.betas), weight_decay=s.weight_decay, bias_correction=True)
@@ -57,13 +66,11 @@ def mlx_seconds(h, w, batch, iters) -> float:
     outside = mx.zeros((1, 1, 1, 1, 1))  # the reference: alpha pulled to 0 outside the mask
     args = (v, bg, m, outside, mx.array([0.2]), opt.step_weights(s, 0))
     mx.eval(step(*args), nets.state)  # compile + warm-up
-    start = time.perf_counter()
-    for _ in range(iters):
-        mx.eval(step(*args), nets.state, adam.state)
-    return (time.perf_counter() - start) / iters
+    return lambda: mx.eval(step(*args), nets.state, adam.state)
 
 
-def torch_seconds(h, w, batch, iters) -> float:
+def torch_step(h, w, batch):
+    """One torch iteration as a thunk (warmed up)."""
     import torch
 
     from unet_reference import TorchUNet, reference_step
@@ -74,10 +81,29 @@ def torch_seconds(h, w, batch, iters) -> float:
     v, bg = torch.rand(batch, 3, h, w, generator=g), torch.rand(batch, 3, h, w, generator=g)
     m = (torch.rand(batch, 1, h, w, generator=g) > 0.8).float()
     reference_step(model, topt, v, bg, m, 0.2)
-    start = time.perf_counter()
+    return lambda: reference_step(model, topt, v, bg, m, 0.2)
+
+
+def seconds(steps: dict, iters: int) -> dict:
+    """Median seconds per call of each thunk, the thunks taking turns."""
+    times = {k: [] for k in steps}
     for _ in range(iters):
-        reference_step(model, topt, v, bg, m, 0.2)
-    return (time.perf_counter() - start) / iters
+        for k, f in steps.items():
+            start = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def compare(w: int, h: int, batch: int, iters: int, with_torch: bool) -> None:
+    steps = {"MLX": mlx_step(h, w, batch)}
+    if with_torch:
+        steps["torch"] = torch_step(h, w, batch)
+    t = seconds(steps, iters)
+    for k, v in t.items():
+        print(f"{w}x{h}, batch {batch}: {k} {v:.3f} s/iteration ({1 / v:.2f} it/s)", flush=True)
+    if with_torch:
+        print(f"{w}x{h}, batch {batch}: MLX / torch time ratio {t['MLX'] / t['torch']:.2f}", flush=True)
 
 
 def quality(w: int, h: int, batch: int, counts: list[int], seed: int = 3, frames: int = 16) -> None:
@@ -105,26 +131,33 @@ def quality(w: int, h: int, batch: int, counts: list[int], seed: int = 3, frames
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="672x384", help="width x height (multiples of 32)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--size", default=None, help="width x height (multiples of 32); default 672x384 and 352x192")
+    ap.add_argument("--batch", type=int, default=None, help="default 16 at 672x384, else 4")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per side (default 2 at 672x384, else 5)")
+    ap.add_argument("--form", choices=["auto", "rearranged", "plain"], default="auto")
+    ap.add_argument("--parts", type=int, default=unet.PARTS)
     ap.add_argument("--gpu-tflops", type=float, default=4.0)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quality", default=None, help="iteration counts, e.g. 60,120: decomposition figures")
     a = ap.parse_args()
-    w, h = (int(x) for x in a.size.lower().split("x"))
-    if a.quality:
-        return quality(w, h, a.batch, [int(n) for n in a.quality.split(",")])
-    t_mlx = mlx_seconds(h, w, a.batch, a.iters)
-    print(f"{w}x{h}, batch {a.batch}: MLX {t_mlx:.3f} s/iteration ({1 / t_mlx:.2f} it/s)")
-    if not a.no_torch:
-        t_torch = torch_seconds(h, w, a.batch, a.iters)
-        print(f"{w}x{h}, batch {a.batch}: torch {t_torch:.3f} s/iteration ({1 / t_torch:.2f} it/s)")
-        print(f"MLX / torch time ratio: {t_mlx / t_torch:.2f}")
-    flops = 2 * 3 * conv_macs(h, w) * a.batch  # forward + backward (~2x forward), 2 flops per MAC
-    t_gpu = flops / (a.gpu_tflops * 1e12)
-    print(f"network: {flops / 1e9:.1f} GFLOP per iteration (forward + backward, {a.batch} frames)")
-    print(f"M-series estimate at {a.gpu_tflops:g} TFLOPS sustained fp32: {t_gpu:.3f} s/iteration "
+    unet.REARRANGE, unet.PARTS = {"auto": None, "rearranged": True, "plain": False}[a.form], a.parts
+    sizes = [(int(x) for x in a.size.lower().split("x"))] if a.size else [(672, 384), (352, 192)]
+    for w, h in sizes:
+        batch = a.batch or (16 if (w, h) == (672, 384) else 4)
+        if a.quality:
+            quality(w, h, batch, [int(n) for n in a.quality.split(",")])
+            continue
+        form = f"rearranged (CPU) form, {unet.PARTS} batch parts" if unet.rearranged() else "plain form"
+        print(f"{w}x{h}, batch {batch}, U-Net in its {form}", flush=True)
+        compare(w, h, batch, a.iters or (2 if (w, h, batch) == (672, 384, 16) else 5), not a.no_torch)
+        gpu_estimate(w, h, batch, a.gpu_tflops)
+
+
+def gpu_estimate(w: int, h: int, batch: int, tflops: float) -> None:
+    flops = 2 * 3 * conv_macs(h, w) * batch  # forward + backward (~2x forward), 2 flops per MAC
+    t_gpu = flops / (tflops * 1e12)
+    print(f"network: {flops / 1e9:.1f} GFLOP per iteration (forward + backward, {batch} frames)")
+    print(f"M-series estimate at {tflops:g} TFLOPS sustained fp32: {t_gpu:.3f} s/iteration "
           f"({1 / t_gpu:.1f} it/s; 6000 iterations in {6000 * t_gpu / 60:.1f} min per layer)")
 
 

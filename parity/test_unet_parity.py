@@ -3,7 +3,9 @@ version written from the reference's formulas (``unet_reference.py``), fp32.
 
 Weights are MLX's default random init with random BatchNorm scales and
 shifts (the reference's normal(0, 0.01) init would make every activation
-nearly constant, which compares nothing)."""
+nearly constant, which compares nothing). The network is checked in both of
+its forms: plain strided / transposed convolutions and the stride-1
+rearrangement the CPU runs."""
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
+from mlx_omnimatte.models import unet  # noqa: E402
 from mlx_omnimatte.pipelines import optimize as opt  # noqa: E402
 from unet_reference import TorchUNet, load_from_mlx, reference_losses, reference_step, reference_total  # noqa: E402
 
@@ -22,6 +25,10 @@ pytestmark = pytest.mark.torch
 TOL = 1e-5
 N, H, W, NF = 3, 64, 96, 32
 
+
+@pytest.fixture(params=[True, False], ids=["rearranged", "plain"])
+def form(request, monkeypatch):
+    monkeypatch.setattr(unet, "REARRANGE", request.param)
 
 
 def _nets(seed=0):
@@ -53,6 +60,7 @@ def _torch_model(nets):
     return load_from_mlx(TorchUNet(6, 4, NF), nets.nets[0])
 
 
+@pytest.mark.usefixtures("form")
 @pytest.mark.parametrize("train", [True, False])
 def test_forward(train):
     nets = _nets()
@@ -90,6 +98,7 @@ def test_losses():
     assert rel_err(float(total), float(reference_total(ref))) < TOL
 
 
+@pytest.mark.usefixtures("form")
 def test_one_adamw_step():
     nets = _nets()
     solo, bg, mask = _data()
