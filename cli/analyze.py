@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from mlx_omnimatte.bundle import COMPONENTS, open_bundle
+from mlx_omnimatte.bundle import open_bundle
+from mlx_omnimatte.weights import BUNDLE_COMPONENTS
 from mlx_omnimatte.io.writers import check_output
 from mlx_omnimatte.pipelines.analyze import DEFAULT_T, check_t, run_analysis, summary_text, write_report
 from mlx_omnimatte.pipelines.settings import Settings
@@ -48,7 +49,7 @@ def analyze(bundle, data, out, t, clips, size, dtype, seed, cache_dir, overwrite
     check_t(t)
     check_output(out, overwrite)
     settings = Settings(size=size, dtype=dtype, seed=seed, cache_dir=cache_dir)
-    b = open_bundle(bundle, need=COMPONENTS)
+    b = open_bundle(bundle, need=BUNDLE_COMPONENTS)
     progress = Progress(enabled=not quiet)
     analysis = run_analysis(data, b, t, clips, settings, report=progress.report)
     write_report(analysis, out, overwrite, report=progress.report)

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from mlx_omnimatte.io.inputs import read_clip, resolve_clip
-from mlx_omnimatte.pipelines.api import Request, check_plan, grid_size, prepare
+from mlx_omnimatte.pipelines.api import check_plan, prepare, read_input, remove_request
 from mlx_omnimatte.pipelines.removal import ALL, dit_velocity
-from mlx_omnimatte.pipelines.settings import Mode, settings_from
 from mlx_omnimatte.pipelines.stages import ModeSpec, Trajectory, run_calibration
 from mlx_omnimatte.progress import Progress
 from mlx_omnimatte.sampling import SAMPLERS
@@ -61,12 +59,11 @@ def calibrate_cache(input, masks, caption, bundle, frames, quiet, **settings):
       mlx-omnimatte calibrate-cache clips/boys-beach --bundle models/casper-1.3b
       mlx-omnimatte calibrate-cache clips/boys-beach --bundle models/casper-1.3b --sampler unipc --steps 25
     """
-    request = Request(Mode.REMOVE, resolve_clip(input, masks, caption, frames), bundle,
-                      settings_from(**settings), targets="all")
+    request = remove_request(input, masks, bundle=bundle, caption=caption, frames=frames, objects="all", **settings)
     prepared = prepare(request)
     check_plan(prepared)
     progress = Progress(enabled=not quiet)
-    clip = read_clip(request.clip, grid_size(prepared), progress)
+    clip = read_input(prepared, progress)
     spec = ModeSpec([Trajectory(ALL, None)], dit_velocity)
     calibration = run_calibration(clip, prepared.bundle, spec, request.settings, progress)
     path = calibration.save(prepared.bundle.path("transformer"))

@@ -19,7 +19,7 @@ from mlx_omnimatte.convert.bundle import (
     parse_quantize,
     resolve_source,
 )
-from mlx_omnimatte.convert.core import SPEC_MODULES, convert as run_convert, detect
+from mlx_omnimatte.convert.core import convert as run_convert, detect
 from mlx_omnimatte.convert.merge import convert_transformer, parse_lora_arg
 from mlx_omnimatte.convert.prechecks import check_bundle_inputs
 from mlx_omnimatte.convert.quantize import GROUP_SIZES
@@ -28,6 +28,7 @@ from mlx_omnimatte.convert.writer import write_converted
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.writers import check_output
 from mlx_omnimatte.models.base import DTYPES
+from mlx_omnimatte.weights import COMPONENTS
 
 
 def _expert_pairs(values) -> dict[str, Path]:
@@ -93,7 +94,7 @@ def _single(src: str, out: Path, options: dict, overwrite: bool) -> None:
 @click.command()
 @click.argument("src")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--component", type=click.Choice(list(SPEC_MODULES)), default=None,
+@click.option("--component", type=click.Choice(list(COMPONENTS)), default=None,
               help="What the checkpoint holds (detected from its keys by default).")
 @click.option("--format", "fmt", default=None, help="Source key layout (detected by default).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,

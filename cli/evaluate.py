@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mlx_omnimatte.io.writers import atomic_output, check_output
-from mlx_omnimatte.pipelines.evaluate import evaluate
+from mlx_omnimatte.evaluation.evaluate import evaluate
 
 
 @click.command("evaluate")

@@ -9,15 +9,14 @@ import click
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.compose import FIT_MODES
-from mlx_omnimatte.io.inputs import resolve_clip
 from mlx_omnimatte.io.writers import check_output, check_space
-from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan, choose_mode,
-                                          execute, prepare)
+from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan,
+                                          decompose_request, execute, prepare, remove_request)
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
 from mlx_omnimatte.pipelines.optimize import OptimizeSettings
-from mlx_omnimatte.pipelines.outputs import listing, write_decomposition, write_removal
+from mlx_omnimatte.io.outputs import listing, write_decomposition, write_removal
 from mlx_omnimatte.pipelines.plan import Outputs
-from mlx_omnimatte.pipelines.settings import Mode, settings_from
+from mlx_omnimatte.pipelines.settings import Mode
 from mlx_omnimatte.pipelines.two_stage import SOLVERS
 from mlx_omnimatte.progress import Progress
 
@@ -90,7 +89,7 @@ def _unused_options(request: Request, given: dict[str, str]) -> None:
     if request.mode is Mode.TWO_STAGE:
         refuse(("tau", "expert_args"), "only the experts method uses experts (this run is two-stage: the bundle "
                                         "has no experts, or --method two-stage was asked)")
-    if request.mode is Mode.DECOMPOSE:
+    if request.mode is Mode.EXPERTS:
         refuse(("solver", "solo", "fit") + _UNET_ONLY, "only the two-stage and clean-plate methods use it "
                                                       "(this run uses the experts)")
     elif request.solver == "fast":
@@ -98,7 +97,7 @@ def _unused_options(request: Request, given: dict[str, str]) -> None:
     if request.plate is None:
         refuse(("fit",), "only a clean plate is fitted (give --clean-plate)")
     for kind in request.expert_dirs:
-        if request.mode is Mode.DECOMPOSE and kind not in request.experts:
+        if request.mode is Mode.EXPERTS and kind not in request.experts:
             raise OmnimatteError(f"--expert {kind}=...: --tau {request.settings.tau} never runs the {kind} expert")
 
 
@@ -107,11 +106,6 @@ def _given(ctx: click.Context) -> dict[str, str]:
     flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
     return {name: flags[name] for name in ctx.params
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
-
-
-def _request(mode: Mode, input, masks, caption, bundle, frames, targets="both", **settings) -> Request:
-    s = settings_from(**settings)
-    return Request(mode, resolve_clip(input, masks, caption, frames), bundle, s, targets)
 
 
 def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet: bool, write) -> None:
@@ -164,8 +158,8 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
     """
     if bundle is None:
         raise OmnimatteError("remove: give --bundle (a converted model bundle with the Casper transformer)")
-    request = _request(Mode.REMOVE, input, masks, caption, bundle, frames, objects, **settings)
-    request.outputs = Outputs(background=bg_format)
+    request = remove_request(input, masks, bundle=bundle, caption=caption, frames=frames, objects=objects,
+                             outputs=Outputs(background=bg_format), **settings)
 
     def write(backgrounds, progress):
         write_removal(out, request.clip, backgrounds, bg_format, overwrite, report=progress)
@@ -223,15 +217,13 @@ def decompose(input, masks, caption, bundle, out, frames, dry_run, overwrite, qu
       mlx-omnimatte decompose video.mp4 --mask cat.mp4 --bundle models/omnimatte-1.3b -o out/cat \\
           --tau 0.5 --steps 30 --layer-format prores --layer-format webm
     """
-    request = _request(Mode.DECOMPOSE, input, masks, caption, bundle, frames, **settings)
-    # the reference's step schedule (lr drops, end of mask supervision) scales with --iterations
-    request.optimize = OptimizeSettings(batch_frames=batch_frames, lr=lr).scaled(iterations)
-    request.plate, request.fit, request.solver, request.solo = plate, fit, solver, solo
-    request.expert_dirs = dict(_kind_dir(a) for a in expert_args)
-    request.mode = choose_mode(request, method)
+    request = decompose_request(input, masks, bundle=bundle, caption=caption, frames=frames, method=method,
+                                experts=dict(_kind_dir(a) for a in expert_args), clean_plate=plate, fit=fit,
+                                iterations=iterations, batch_frames=batch_frames, lr=lr, layer_solver=solver,
+                                solo=solo, outputs=Outputs(tuple(formats) or ("png",), bg_format, not no_preview),
+                                **settings)
     _unused_options(request, _given(click.get_current_context()))
     _fit_batch(request, quiet)
-    request.outputs = Outputs(tuple(formats) or ("png",), bg_format, not no_preview)
 
     def write(layers, progress):
         o = request.outputs
@@ -251,7 +243,7 @@ def _fit_batch(request: Request, quiet: bool) -> None:
 
 def method_line(request: Request) -> str:
     """What runs, for the run header: the method and its layer solver."""
-    if request.mode is Mode.DECOMPOSE:
+    if request.mode is Mode.EXPERTS:
         return "experts"
     solver = request.solver if request.solver == "fast" else f"unet, {request.optimize.iterations} iterations"
     if request.mode is Mode.PLATE:

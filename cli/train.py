@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mlx_omnimatte.io.grid import parse_size
-from mlx_omnimatte.pipelines.prepare import prepare as prepare_cache
+from mlx_omnimatte.train.prepare import prepare as prepare_cache
 from mlx_omnimatte.progress import Progress
 from mlx_omnimatte.train.export import export_expert
 from mlx_omnimatte.train.session import run_training

@@ -21,7 +21,6 @@ the weights (`hidden_act` gelu or quick_gelu; see `hidden_act`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.jsonfile import read_json
 from mlx_omnimatte.models import clip as clip_model
 
 from .core import ComponentSpec, Converted, convert as generic_convert
@@ -169,11 +169,7 @@ def _json_beside(src: Path, name: str) -> dict:
     path = (src if src.is_dir() else src.parent) / name
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise OmnimatteError(f"{path}: not valid JSON") from None
-    return data if isinstance(data, dict) else {}
+    return read_json(path)
 
 
 def hidden_act(src: Path) -> str:

@@ -21,19 +21,12 @@ from mlx.utils import tree_flatten
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models.base import DTYPES
+from mlx_omnimatte.weights import COMPONENTS
 
 from .keymap import KeyMap, check_complete, plan_renames, strip_prefix, to_channels_last, torch_shape_to_mlx
 from .quantize import check_quantize, quantize_converted
 from .readers import Checkpoint
 
-# component name -> module that defines `SPEC`; the order is the detection order.
-SPEC_MODULES = {
-    "expert": "mlx_omnimatte.convert.lora",
-    "transformer": "mlx_omnimatte.convert.transformer",
-    "vae": "mlx_omnimatte.convert.vae",
-    "t5": "mlx_omnimatte.convert.t5",
-    "clip": "mlx_omnimatte.convert.clip",
-}
 
 
 @dataclass
@@ -73,15 +66,15 @@ class Converted:
 
 
 def load_spec(component: str) -> ComponentSpec:
-    if component not in SPEC_MODULES:
-        raise OmnimatteError(f"unknown component {component!r} (one of {', '.join(SPEC_MODULES)})")
-    return importlib.import_module(SPEC_MODULES[component]).SPEC
+    if component not in COMPONENTS:
+        raise OmnimatteError(f"unknown component {component!r} (one of {', '.join(COMPONENTS)})")
+    return importlib.import_module(COMPONENTS[component].converter).SPEC
 
 
 def detect(ckpt: Checkpoint, component: str | None = None, fmt: str | None = None) -> tuple[ComponentSpec, str]:
     """Which component and source format the checkpoint holds."""
     found = []
-    for name in SPEC_MODULES:
+    for name in COMPONENTS:  # in the registry's order: the detection order
         try:
             spec = load_spec(name)
         except ImportError:

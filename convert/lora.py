@@ -31,7 +31,6 @@ holds for all.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -49,6 +48,7 @@ from mlx_omnimatte.branch.experts import (
     check_tau,
 )
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.jsonfile import read_json
 from mlx_omnimatte.models.base import DTYPES
 
 from . import lora_files as lf
@@ -99,12 +99,7 @@ def sidecar_manifest(source: Path, explicit: Path | None = None) -> tuple[dict, 
     for cand in cands:
         if cand == source or not cand.is_file():
             continue
-        try:
-            data = json.loads(cand.read_text())
-        except (OSError, ValueError):
-            raise OmnimatteError(f"{cand}: expert manifest is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise OmnimatteError(f"{cand}: expert manifest must be a JSON object")
+        data = read_json(cand)
         if explicit is None and cand.name == "manifest.json" and ("components" in data or data.get("component", "expert") != "expert"):
             continue  # a bundle's or another tool's manifest, not ours
         if "tau_default" in data and "tau" not in data:

@@ -29,7 +29,6 @@ has it (`resolve_alpha`):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.jsonfile import parse_json, read_json
 
 from .readers import Checkpoint
 
@@ -182,24 +182,14 @@ def peft_config(ckpt: Checkpoint) -> tuple[dict, str] | None:
     for key in METADATA_KEYS:
         raw = ckpt.metadata.get(key)
         if raw:
-            try:
-                config = json.loads(raw)
-            except ValueError:
-                raise OmnimatteError(f"{ckpt.source}: metadata {key} is not valid JSON") from None
-            if isinstance(config, dict):
-                return {k.removeprefix("transformer."): v for k, v in config.items()}, f"metadata {key}"
+            config = parse_json(raw, f"{ckpt.source}: metadata {key}")
+            return {k.removeprefix("transformer."): v for k, v in config.items()}, f"metadata {key}"
     source = Path(ckpt.source)
     folder = source if source.is_dir() else source.parent
     path = folder / "adapter_config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise OmnimatteError(f"{path}: not valid JSON") from None
-    if not isinstance(config, dict):
-        raise OmnimatteError(f"{path}: must be a JSON object")
-    return config, str(path)
+    return read_json(path), str(path)
 
 
 def _pattern_value(patterns: dict, module: str):

@@ -21,12 +21,12 @@ count assumes Wan's head dim of 128.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.jsonfile import read_json
 from mlx_omnimatte.models.wan.transformer import Config, Model
 
 from .core import ComponentSpec
@@ -198,12 +198,7 @@ def read_json_config(src: Path) -> tuple[dict, Path] | None:
     path = (src if src.is_dir() else src.parent) / "config.json"
     if not path.is_file():
         return None
-    try:
-        c = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise OmnimatteError(f"{path}: not valid JSON") from None
-    if not isinstance(c, dict):
-        return None
+    c = read_json(path)
     if c.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in c:
         return _from_diffusers_json(c, path), path
     if c.get("_class_name") == "WanModel" or {"dim", "num_heads"} <= c.keys():

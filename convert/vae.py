@@ -19,10 +19,10 @@ them); diffusers keeps them in config.json. Both default to Wan2.1's values.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.jsonfile import read_json
 from mlx_omnimatte.models.wan import vae as wan_vae
 
 from .core import ComponentSpec
@@ -116,10 +116,7 @@ def _diffusers_config(src: Path, cfg: dict) -> dict:
     path = (src if src.is_dir() else src.parent) / "config.json"
     if not path.exists():
         return {}
-    try:
-        d = json.loads(path.read_text())
-    except ValueError:
-        raise OmnimatteError(f"{path}: not valid JSON") from None
+    d = read_json(path)
     if d.get("is_residual") or d.get("patch_size") or d.get("attn_scales"):
         raise OmnimatteError(f"{path}: a Wan2.2-style or attention-scaled VAE (is_residual/patch_size/"
                              "attn_scales); only the Wan2.1 VAE is supported")

@@ -11,26 +11,38 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OmnimatteError
-from .weights import read_config
+from .jsonfile import read_json
+from .weights import BUNDLE_COMPONENTS, read_config
 
 MANIFEST = "manifest.json"
-COMPONENTS = ("transformer", "vae", "t5", "clip")
 
 
 @dataclass
 class Bundle:
+    """An opened bundle. Its component configs are read once and kept, and
+    `check` validates each component once: a run opens its bundle once and
+    carries it."""
+
     root: Path
     manifest: dict
+    _configs: dict = field(default_factory=dict, repr=False, compare=False)
+    _checked: set = field(default_factory=set, repr=False, compare=False)
 
     def path(self, component: str) -> Path:
         sub = self.manifest.get("components", {}).get(component)
         if sub is None:
             raise OmnimatteError(f"{self.root}: the bundle has no {component} component")
         return self.root / sub
+
+    def config(self, component: str) -> dict:
+        """The component's config.json, read on first use."""
+        if component not in self._configs:
+            self._configs[component] = read_config(self.path(component))
+        return self._configs[component]
 
     @property
     def experts(self) -> dict[str, Path]:
@@ -46,31 +58,35 @@ class Bundle:
     def weight_bytes(self, component: str) -> int:
         return sum(f.stat().st_size for f in self.path(component).glob("*.safetensors"))
 
+    def check(self, need=BUNDLE_COMPONENTS, experts=()) -> "Bundle":
+        """The components and experts a run needs are present and readable,
+        before any weight is loaded."""
+        for component in need:
+            if component not in self._checked:
+                check_component(self.path(component), self.config(component), component)
+                self._checked.add(component)
+        for kind in experts:
+            check_expert_fits(self.expert(kind), self.config("transformer"))
+        return self
 
-def open_bundle(path, need=COMPONENTS, experts=()) -> Bundle:
+
+def open_bundle(path, need=BUNDLE_COMPONENTS, experts=()) -> Bundle:
     """Open a bundle and check that the components and experts a run needs are
     present and readable, before any weight is loaded."""
     root = Path(path)
     man = root / MANIFEST
     if not man.exists():
         raise OmnimatteError(f"{root}: not a model bundle (no {MANIFEST}); build one with `mlx-omnimatte convert`")
-    try:
-        manifest = json.loads(man.read_text())
-    except ValueError:
-        raise OmnimatteError(f"{man}: not valid JSON") from None
-    bundle = Bundle(root, manifest)
-    for component in need:
-        sub = bundle.path(component)
-        config = read_config(sub)
-        if config["component"] != component:
-            raise OmnimatteError(f"{sub}: holds a {config['component']}, the bundle lists it as {component}")
-        if not any(sub.glob("*.safetensors")):
-            raise OmnimatteError(f"{sub}: no weights (.safetensors) in the {component} component")
-        for f in sorted(sub.glob("*.safetensors")):
-            weight_header(f)
-    for kind in experts:
-        check_expert_fits(bundle.expert(kind), read_config(bundle.path("transformer")))
-    return bundle
+    return Bundle(root, read_json(man)).check(need, experts)
+
+
+def check_component(sub: Path, config: dict, component: str) -> None:
+    if config["component"] != component:
+        raise OmnimatteError(f"{sub}: holds a {config['component']}, the bundle lists it as {component}")
+    if not any(sub.glob("*.safetensors")):
+        raise OmnimatteError(f"{sub}: no weights (.safetensors) in the {component} component")
+    for f in sorted(sub.glob("*.safetensors")):
+        weight_header(f)
 
 
 def weight_header(path: Path) -> dict:

@@ -87,10 +87,24 @@ def least_alpha(video: np.ndarray, background: np.ndarray, floor: float = 0.0) -
     return a.astype(np.float32)
 
 
+def blend(alpha, foreground, background):
+    """The layer model ``a * fg + (1 - a) * bg``: the one compositing formula,
+    for numpy and MLX arrays alike (alpha already broadcastable)."""
+    return alpha * foreground + (1.0 - alpha) * background
+
+
+def over(background, layers):
+    """``(alpha, fg)`` layers listed back to front (the last ends on top) over
+    ``background``: the one layer order. numpy or MLX arrays, as given."""
+    out = background
+    for alpha, fg in layers:
+        out = blend(alpha, fg, out)
+    return out
+
+
 def recompose(alpha: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
     """``a * fg + (1 - a) * bg`` in float32."""
-    a = alpha_channel(alpha)
-    return (a * as_float(foreground) + (1.0 - a) * as_float(background)).astype(np.float32)
+    return blend(alpha_channel(alpha), as_float(foreground), as_float(background)).astype(np.float32)
 
 
 def over_checkerboard(alpha: np.ndarray, foreground: np.ndarray, square: int = 16) -> np.ndarray:
@@ -99,8 +113,7 @@ def over_checkerboard(alpha: np.ndarray, foreground: np.ndarray, square: int = 1
     h, w = fg.shape[-3:-1]
     yy, xx = np.mgrid[0:h, 0:w]
     board = np.where(((yy // square) + (xx // square)) % 2 == 0, 0.8, 0.55).astype(np.float32)
-    a = alpha_channel(alpha)
-    return (a * fg + (1.0 - a) * board[..., None]).astype(np.float32)
+    return blend(alpha_channel(alpha), fg, board[..., None]).astype(np.float32)
 
 
 def rgba(alpha: np.ndarray, foreground: np.ndarray) -> np.ndarray:

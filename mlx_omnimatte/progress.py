@@ -163,10 +163,6 @@ class Progress:
         mx.synchronize()
         self.records.append(StageRecord(name, time.perf_counter() - start, mx.get_peak_memory(), max_rss()))
 
-    def finish(self) -> None:
-        """Close a stage left open (e.g. one whose total was unknown)."""
-        self._close()
-
     @property
     def peak(self) -> int:
         return max((r.peak_bytes for r in self.records), default=0)

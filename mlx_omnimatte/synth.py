@@ -64,7 +64,7 @@ from .io.grid import mirror_indices, resize_frames
 from .io.truth import ALPHA_BITS, each_frame
 from .io.video import list_frame_files, read_video
 from .io.writers import PNG_COMPRESS, atomic_output, frame_name
-from .metrics import gaussian_blur, gaussian_kernel
+from .evaluation.metrics import gaussian_blur, gaussian_kernel
 
 FPS = 16.0
 PAD_RANGE = (0.3, 0.5)  # canvas padding each side, fraction of the width

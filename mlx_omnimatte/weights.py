@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from .errors import OmnimatteError
+from .jsonfile import read_json
 from .models.base import DTYPES, float32_scales, quantize_like
 
-# component -> module defining `Config` (with `from_dict`) and `Model(config)`,
-# or `load(path, config, weights)` for components that are not a single module.
+@dataclass(frozen=True)
+class Component:
+    """Where a component's code lives (module names: loading one imports
+    only what it needs)."""
+
+    model: str  # defines `Config` (with `from_dict`) and `Model(config)`, or `load(path, config, weights)`
+    converter: str  # defines its conversion `SPEC`
+    in_bundle: bool = True  # one of a bundle's components (experts sit beside them)
+
+
+# The one registry of components. `convert` detects a checkpoint by trying
+# them in this order: an expert's LoRA keys before the transformer's.
 COMPONENTS = {
-    "transformer": "mlx_omnimatte.models.wan.transformer",
-    "vae": "mlx_omnimatte.models.wan.vae",
-    "t5": "mlx_omnimatte.models.t5",
-    "clip": "mlx_omnimatte.models.clip",
-    "expert": "mlx_omnimatte.branch.experts",
+    "expert": Component("mlx_omnimatte.branch.experts", "mlx_omnimatte.convert.lora", in_bundle=False),
+    "transformer": Component("mlx_omnimatte.models.wan.transformer", "mlx_omnimatte.convert.transformer"),
+    "vae": Component("mlx_omnimatte.models.wan.vae", "mlx_omnimatte.convert.vae"),
+    "t5": Component("mlx_omnimatte.models.t5", "mlx_omnimatte.convert.t5"),
+    "clip": Component("mlx_omnimatte.models.clip", "mlx_omnimatte.convert.clip"),
 }
+BUNDLE_COMPONENTS = tuple(name for name, c in COMPONENTS.items() if c.in_bundle)
 
 
 def read_config(path) -> dict:
@@ -28,10 +41,7 @@ def read_config(path) -> dict:
     if not path.is_dir() or not cfg_path.exists():
         raise OmnimatteError(f"{path}: not a converted model directory (no config.json); "
                              "run `mlx-omnimatte convert` first")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError:
-        raise OmnimatteError(f"{cfg_path}: not valid JSON") from None
+    config = read_json(cfg_path)
     if config.get("component") not in COMPONENTS:
         raise OmnimatteError(f"{cfg_path}: unknown component {config.get('component')!r}")
     return config
@@ -76,7 +86,7 @@ def load_model(path, component: str | None = None, dtype: str | None = None):
     config = read_config(path)
     if component is not None and config["component"] != component:
         raise OmnimatteError(f"{path}: holds a {config['component']}, not a {component}")
-    module = importlib.import_module(COMPONENTS[config["component"]])
+    module = importlib.import_module(COMPONENTS[config["component"]].model)
     if hasattr(module, "load"):
         return module.load(path, config, load_weights(path))
     model = module.Model(module.Config.from_dict(config))

@@ -107,7 +107,7 @@ def compare(w: int, h: int, batch: int, iters: int, with_torch: bool) -> None:
 
 
 def quality(w: int, h: int, batch: int, counts: list[int], seed: int = 3, frames: int = 16) -> None:
-    from mlx_omnimatte import metrics
+    from mlx_omnimatte.evaluation import metrics
     from mlx_omnimatte.compositing import recompose
     from mlx_omnimatte.io.masks import dilate_mask
     from mlx_omnimatte.synth import make_clip

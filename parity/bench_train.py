@@ -178,7 +178,7 @@ def few_step(train_steps: int) -> None:
     import tempfile
 
     import mlx_omnimatte as mo
-    from mlx_omnimatte.pipelines.prepare import prepare
+    from mlx_omnimatte.train.prepare import prepare
     from mlx_omnimatte.train.cache import LatentCache
     from mlx_omnimatte.train.trainer import TrainSettings, new_state, train, trained_expert
     from mlx_omnimatte.train.validate import ValidationSettings, validate

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mlx_omnimatte.io.video import read_video
-from mlx_omnimatte.io.writers import write_png_frames, write_rgba_video, write_video
+from mlx_omnimatte.io.writers import rgba_video_sink, write_frames, write_png_frames, write_video
 from helpers import assert_refused, run_cli, run_ok
 
 T, H, W = 5, 24, 32
@@ -29,8 +29,8 @@ def files(tmp_path_factory):
     write_png_frames(root / "layer", _layer_frames())
     write_png_frames(root / "rgb_layer", _layer_frames()[..., :3])
     write_video(root / "rgb_layer.mp4", _layer_frames()[..., :3], 16)
-    write_rgba_video(root / "layer.mov", _layer_frames(), 16)
-    write_rgba_video(root / "layer.webm", _layer_frames(), 16)
+    write_frames(rgba_video_sink(root / "layer.mov", 16), _layer_frames())
+    write_frames(rgba_video_sink(root / "layer.webm", 16), _layer_frames())
     short = np.stack([np.full((40, 48, 3), v, np.uint8) for v in LEVELS])
     write_video(root / "short.mp4", short, 16)  # 3 frames, 48x40
     write_video(root / "short_same_size.mp4", short[:, :H, :W], 16)

@@ -13,7 +13,7 @@ from mlx_omnimatte.compositing import (
     to_uint8,
 )
 from mlx_omnimatte.errors import OmnimatteError
-from mlx_omnimatte.io.compose import composite
+from mlx_omnimatte.io.compose import as_video, composite_frames, fit_size, fit_times
 
 T, H, W = 4, 32, 48
 
@@ -61,6 +61,14 @@ def test_quantized_inputs_within_bounds(truth):
 def test_solve_shape_mismatch():
     with pytest.raises(OmnimatteError, match="shapes differ"):
         solve_foreground(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 5)), np.zeros((2, 4, 4, 3)))
+
+
+def composite(layers, background, fit="loop"):
+    """What `mlx-omnimatte composite` does, into one array."""
+    t, h, w = np.shape(layers[0][1])[:3]
+    bg = fit_size(as_video(background, "background"), (w, h), fit, "background", "the layers'")
+    times = fit_times(bg.shape[0], t, fit, "background", "the layers'")
+    return np.stack(list(composite_frames(layers, bg, times)))
 
 
 def test_composite_over_image_and_video(truth):

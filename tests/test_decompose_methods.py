@@ -127,15 +127,13 @@ def test_two_stage_removal_passes(casper, solo, passes):
     (read from the run's stage records). `optimize` is the method's alias."""
     if not EXAMPLES.is_dir():
         pytest.skip(f"{EXAMPLES} not present")
-    from mlx_omnimatte.io.inputs import resolve_clip
-    from mlx_omnimatte.pipelines.api import Request, choose_mode, execute, prepare
-    from mlx_omnimatte.pipelines.settings import Mode, settings_from
+    from mlx_omnimatte.pipelines.api import decompose_request, execute, prepare
+    from mlx_omnimatte.pipelines.settings import Mode
     from mlx_omnimatte.progress import quiet
 
-    request = Request(Mode.DECOMPOSE, resolve_clip(EXAMPLES / "boys-beach", (), None, 5), casper,
-                      settings_from(steps=1, size="64x32"), solo=solo)
-    request.mode = choose_mode(request, "optimize")
-    assert request.mode is Mode.TWO_STAGE
+    request = decompose_request(EXAMPLES / "boys-beach", frames=5, bundle=casper, method="optimize", solo=solo,
+                                steps=1, size="64x32")
+    assert request.mode is Mode.TWO_STAGE and request.opened.root == casper
     prepared = prepare(request)
     assert f"{len(passes)} trajectories x 1 steps" in prepared.render()
     progress = quiet()
@@ -143,3 +141,22 @@ def test_two_stage_removal_passes(casper, solo, passes):
     assert [r.name for r in progress.records if r.name.startswith("denoise")] == passes
     solved = ["solve layers 00", "solve layers 01"] if solo else ["solve layers"]
     assert sorted(layers) == ["00", "01"] and [r.name for r in progress.records if "solve" in r.name] == solved
+
+
+def test_a_run_opens_its_bundle_once(casper, monkeypatch):
+    """The method's choice, the checks and the plan share one opened bundle:
+    its manifest and each component's config.json are read once."""
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"{EXAMPLES} not present")
+    from mlx_omnimatte import bundle as bundle_module
+    from mlx_omnimatte.pipelines.api import decompose_request, prepare
+
+    reads = []
+    for name in ("read_json", "read_config"):
+        real = getattr(bundle_module, name)
+        monkeypatch.setattr(bundle_module, name, lambda p, real=real: reads.append(Path(p)) or real(p))
+    prepared = prepare(decompose_request(EXAMPLES / "boys-beach", frames=5, bundle=casper, method="two-stage",
+                                         steps=1, size="64x32"))
+    assert prepared.bundle.root == casper
+    names = sorted(p.name if p.suffix else p.name + "/" for p in reads)
+    assert names == ["clip/", "manifest.json", "t5/", "transformer/", "vae/"]

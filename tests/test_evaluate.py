@@ -8,9 +8,9 @@ from scipy import ndimage
 from mlx_omnimatte.compositing import as_float
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
-from mlx_omnimatte.pipelines.evaluate import EFFECT_DILATE, evaluate
+from mlx_omnimatte.evaluation.evaluate import EFFECT_DILATE, evaluate
 from mlx_omnimatte.pipelines.omnimatte import Layers
-from mlx_omnimatte.pipelines.outputs import write_decomposition
+from mlx_omnimatte.io.outputs import write_decomposition
 from mlx_omnimatte.io.truth import read_truth
 from mlx_omnimatte.synth import make_clip, write_clip
 

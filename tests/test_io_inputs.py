@@ -61,7 +61,7 @@ def test_folder_errors(folder, tmp_path):
     with pytest.raises(OmnimatteError, match=r'prompt.json: expected \{"bg"'):
         load_clip_folder(folder)
     (folder / "prompt.json").write_text("{not json")
-    with pytest.raises(OmnimatteError, match="prompt.json: not a readable JSON"):
+    with pytest.raises(OmnimatteError, match=r"prompt.json: not valid JSON \(Expecting property name"):
         load_clip_folder(folder)
     (folder / "input_video.mp4").rename(folder / "video.mp4")
     with pytest.raises(OmnimatteError, match="clip: no input_video.mp4"):

@@ -69,10 +69,10 @@ def test_video_file_roundtrip_rate_and_gray(tmp_path):
 
 def test_probe_counts_packets_for_webm(tmp_path):
     # WebM headers carry no frame count: probe_video counts packets instead.
-    from mlx_omnimatte.io.writers import write_rgba_video
+    from mlx_omnimatte.io.writers import rgba_video_sink, write_frames
 
     rgba = np.full((7, 16, 16, 4), 200, np.uint8)
-    path = write_rgba_video(tmp_path / "v.webm", rgba, fps=16)
+    path = write_frames(rgba_video_sink(tmp_path / "v.webm", 16), rgba)
     assert probe_video(path).frames == 7
 
 

@@ -8,13 +8,15 @@ import pytest
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
+from mlx_omnimatte.compositing import rgba
 from mlx_omnimatte.io.writers import (
+    alpha_sink,
     atomic_output,
-    write_alpha,
-    write_background,
-    write_layer,
+    background_sink,
+    layer_sink,
+    rgba_video_sink,
+    write_frames,
     write_png_frames,
-    write_rgba_video,
     write_video,
 )
 
@@ -30,6 +32,11 @@ def _layer(t=T, h=H, w=W):
         [np.stack([yy / (h - 1), xx / (w - 1), np.full_like(xx, 0.25 + 0.1 * i, dtype=float)], -1) for i in range(t)]
     ).astype(np.float32)
     return alpha, fg
+
+
+def write_layer(path, alpha, fg, fps, overwrite=False):
+    """A layer through the sink a decomposition writes with, frame by frame."""
+    return write_frames(layer_sink(path, fps, overwrite), (rgba(a, f) for a, f in zip(alpha, fg)))
 
 
 def _leftovers(folder, final_name):
@@ -92,15 +99,15 @@ def test_odd_sizes(tmp_path, name):
 def test_alpha_and_background_outputs(tmp_path):
     alpha, fg = _layer()
     for name in ("alpha.mp4", "alpha_frames"):
-        path = write_alpha(tmp_path / name, alpha, fps=12)
+        path = write_frames(alpha_sink(tmp_path / name, 12), alpha)
         got, info = read_video(path, fps=12, gray=True)
         assert (info.frames, info.size, info.fps) == (T, (W, H), 12.0)
         tol = 0 if name == "alpha_frames" else 3
         assert np.abs(got.astype(int) - np.rint(alpha * 255)).max() <= tol
-    odd = write_background(tmp_path / "bg_odd.mp4", fg[:, :47, :63], fps=12)
+    odd = write_frames(background_sink(tmp_path / "bg_odd.mp4", 12), fg[:, :47, :63])
     assert probe_video(odd).size == (63, 47)
     for name in ("bg.mp4", "bg_frames"):
-        path = write_background(tmp_path / name, fg, fps=12)
+        path = write_frames(background_sink(tmp_path / name, 12), fg)
         got, info = read_video(path, fps=12)
         assert (info.frames, info.size, info.fps) == (T, (W, H), 12.0)
         assert np.abs(got.astype(int) - np.rint(fg * 255)).mean() < (0.01 if name == "bg_frames" else 2.5)  # yuv420p chroma
@@ -136,7 +143,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, exc, name):
         elif name == "bg.mp4":
             write_video(path, (f[..., :3] for f in _failing_frames(3, exc)), fps=16)
         else:
-            write_rgba_video(path, _failing_frames(3, exc), fps=16)
+            write_frames(rgba_video_sink(path, 16), _failing_frames(3, exc))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,4 +165,4 @@ def test_atomic_output_creates_parents_and_rejects_empty(tmp_path):
         write_png_frames(tmp_path / "empty", [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     with pytest.raises(OmnimatteError, match=r"needs \.mov \(ProRes 4444\) or \.webm"):
-        write_rgba_video(tmp_path / "x.mp4", np.zeros((1, 8, 8, 4), np.uint8), fps=16)
+        write_frames(rgba_video_sink(tmp_path / "x.mp4", 16), np.zeros((1, 8, 8, 4), np.uint8))

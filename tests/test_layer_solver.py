@@ -164,7 +164,8 @@ def test_synthetic_clip_meets_the_bar_on_a_small_grid():
     """A generated two-object clip (a shadow and a reflection), both plates:
     the object, its effects and nothing else (at real size:
     test_layers_real_size.py)."""
-    from mlx_omnimatte import metrics, synth
+    from mlx_omnimatte import synth
+    from mlx_omnimatte.evaluation import metrics
     from mlx_omnimatte.io.masks import dilate_mask
 
     clip = synth.make_clip(3, frames=6, size=(320, 192), objects=2, effects=["shadow", "reflection"],

@@ -1,5 +1,5 @@
-"""The import structure: modules import downwards only (cli -> pipelines ->
-train -> convert -> branch / encoders / synth -> bundle, io, weights,
+"""The import structure: modules import downwards only (cli -> training-data
+preparation -> pipelines -> train -> convert -> branch / encoders / synth -> bundle, io, weights,
 sampling -> models -> progress, memory, compositing -> errors), nothing
 imports the command line, and no project import hides inside a function
 (the way a cycle is usually dodged)."""
@@ -18,17 +18,20 @@ SOURCES = {"mlx_omnimatte": ROOT / "mlx_omnimatte", "mlx_omnimatte.convert": ROO
 # module (or package prefix) -> layer; the longest matching prefix decides
 LAYERS = {
     "mlx_omnimatte.errors": 0,
-    "mlx_omnimatte.memory": 1, "mlx_omnimatte.compositing": 1,
-    "mlx_omnimatte.progress": 2, "mlx_omnimatte.models.base": 2, "mlx_omnimatte.metrics": 2,
+    "mlx_omnimatte.memory": 1, "mlx_omnimatte.compositing": 1, "mlx_omnimatte.jsonfile": 1,
+    "mlx_omnimatte.progress": 2, "mlx_omnimatte.models.base": 2, "mlx_omnimatte.evaluation.metrics": 2,
     "mlx_omnimatte.layer_solver": 2,
     "mlx_omnimatte.models": 3,
     "mlx_omnimatte.weights": 4, "mlx_omnimatte.sampling": 4, "mlx_omnimatte.io": 4, "mlx_omnimatte.step_cache": 4,
     "mlx_omnimatte.bundle": 5, "mlx_omnimatte.branch": 5, "mlx_omnimatte.prompts": 5,
     "mlx_omnimatte.image_encoder": 5, "mlx_omnimatte.synth": 5, "mlx_omnimatte.analysis": 5,
+    "mlx_omnimatte.evaluation": 5,
     "mlx_omnimatte.convert": 6,
     "mlx_omnimatte.train": 7,
     "mlx_omnimatte.pipelines": 8,
-    "mlx_omnimatte.cli": 9,
+    # work over data sets, built from the pipelines' pieces
+    "mlx_omnimatte.train.prepare": 9,
+    "mlx_omnimatte.cli": 10,
 }
 # the package's lazy API (`mo.decompose`) sits above everything by design
 EXEMPT = {"mlx_omnimatte"}

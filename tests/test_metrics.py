@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlx_omnimatte import metrics
+from mlx_omnimatte.evaluation import metrics
 from mlx_omnimatte.errors import OmnimatteError
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mlx_omnimatte as mo
-from mlx_omnimatte.pipelines.prepare import alpha_video, on_grid, train_grid, without_object
+from mlx_omnimatte.train.prepare import alpha_video, on_grid, train_grid, without_object
 from mlx_omnimatte.io.truth import read_truth
 from mlx_omnimatte.train.cache import LatentCache, bundle_identity, read_manifest, sample_file
 from mlx_omnimatte.bundle import open_bundle

@@ -285,7 +285,7 @@ def test_remove_counts(removed, cache, computed):
 def test_decompose_counts_and_the_expert_switch(bundle, clip):
     """The dual-branch passes are cached too; at the Effect -> Quality switch
     (tau 0.5) each window computes once more than removal's 10 of 20."""
-    _, details = run(bundle, clip, Mode.DECOMPOSE, cache="magcache")
+    _, details = run(bundle, clip, Mode.EXPERTS, cache="magcache")
     (name, detail), = [(k, v) for k, v in details.items() if k.startswith("denoise")]
     assert detail.startswith("quality expert; ")
     assert counts(detail) == (22, 40, "magcache:0.12", PUBLISHED)

@@ -19,7 +19,7 @@ from mlx_omnimatte.io.video import read_rgba, read_video
 from mlx_omnimatte.io.writers import write_png_frames, write_video
 from mlx_omnimatte.pipelines import two_stage
 from mlx_omnimatte.pipelines.omnimatte import LayerVideos
-from mlx_omnimatte.pipelines.outputs import write_decomposition
+from mlx_omnimatte.io.outputs import write_decomposition
 from mlx_omnimatte.progress import Progress
 from helpers import assert_refused, run_cli
 

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     bundle = tiny_bundle(root)
     data = tiny_dataset(root)
     cache = root / "cache"
-    from mlx_omnimatte.pipelines.prepare import prepare
+    from mlx_omnimatte.train.prepare import prepare
 
     prepare(bundle, data, cache, cache_dir=root / "prompts")
     return root, bundle, data, cache

@@ -12,7 +12,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from ..compositing import alpha_channel, as_float
+from ..compositing import alpha_channel, as_float, over
 from ..errors import OmnimatteError
 from ..progress import Report, stage
 from .grid import mirror_indices, resize_frames
@@ -146,13 +146,10 @@ def _layer_grid(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[int, i
     return t, h, w
 
 
-def over(background: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def over_float(background: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """``(alpha, fg)`` layers, back to front, over ``background`` (any shape
     that broadcasts); float32 in [0, 1]."""
-    out = as_float(background)
-    for alpha, fg in layers:
-        a = alpha_channel(alpha)
-        out = a * as_float(fg) + (1.0 - a) * out
+    out = over(as_float(background), [(alpha_channel(a), as_float(fg)) for a, fg in layers])
     return out.astype(np.float32, copy=False)
 
 
@@ -165,24 +162,7 @@ def composite_frames(layers: Sequence[tuple[np.ndarray, np.ndarray]], background
         raise OmnimatteError(f"composite: background {background.shape[1:3]} x {len(times)} frames, "
                              f"expected ({h}, {w}) x {t}")
     for i in range(t):
-        yield over(background[times[i]], [(a[i], f[i]) for a, f in layers])
-
-
-def composite(layers: Sequence[tuple[np.ndarray, np.ndarray]], background: np.ndarray,
-              fit: str = "loop") -> np.ndarray:
-    """Put foreground layers over a new background.
-
-    ``layers``: ``(alpha, fg)`` pairs, listed back to front (the first is
-    drawn first, the last ends on top), all of the same ``[T, H, W]`` grid.
-    ``background``: an image ``[H', W', 3]`` (repeated over time) or a video
-    ``[T', H', W', 3]``, fitted by ``fit`` (default: resized, mirrored at its
-    end if shorter, trimmed if longer). Returns float32 ``[T, H, W, 3]``.
-    """
-    t, h, w = _layer_grid(layers)
-    check_fit_mode(fit, "background")
-    bg = fit_size(as_video(background, "background"), (w, h), fit, "background", "the layers'")
-    times = fit_times(bg.shape[0], t, fit, "background", "the layers'")
-    return np.stack(list(composite_frames(layers, bg, times)))
+        yield over_float(background[times[i]], [(a[i], f[i]) for a, f in layers])
 
 
 def write_composite(path: str | Path, layers: Sequence[tuple[np.ndarray, np.ndarray]], background: np.ndarray,

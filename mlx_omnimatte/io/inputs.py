@@ -13,7 +13,6 @@ The Generative Omnimatte example layout is one folder::
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import OmnimatteError
+from ..jsonfile import read_json
 from ..progress import Report, stage
-from .grid import resize_frames, resize_masks
+from .grid import GridPlan, resize_frames, resize_masks
 from .masks import check_mask_counts, check_mask_matches, mask_counts
 from .video import VideoInfo, iter_frames, natural_key, probe_video
 
@@ -49,6 +49,7 @@ class Clip:
     mask_infos: list[VideoInfo] = field(default_factory=list)
     source: Path | None = None
     first_frame: np.ndarray | None = None
+    plan: GridPlan | None = None  # the model grid a prepared run read it for (carried to its stages)
 
     @property
     def num_frames(self) -> int:
@@ -78,11 +79,8 @@ def mask_name(path: Path) -> str:
 def read_caption(path: str | Path) -> str:
     """The ``"bg"`` string of a prompt.json."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OmnimatteError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("bg"), str):
+    data = read_json(path)
+    if not isinstance(data.get("bg"), str):
         raise OmnimatteError(f'{path}: expected {{"bg": "caption of the clean background"}}')
     return data["bg"]
 
@@ -186,11 +184,6 @@ def resolve_clip(input, masks: Sequence = (), caption: str | None = None, frames
     if frames is not None:
         info = replace(info, frames=min(frames, info.frames))
     return ClipSpec(video, paths, names, caption, info, fps, input, how)
-
-
-def _truncated(path: Path, decoded: int, declared: int) -> OmnimatteError:
-    return OmnimatteError(f"{path}: decoding stopped after {decoded} of the {declared} frames its container "
-                          f"declares: the file is damaged or truncated (re-export it, or pass --frames {decoded})")
 
 
 def read_frames(path: Path, count: int, size: tuple[int, int] | None, gray: bool = False,

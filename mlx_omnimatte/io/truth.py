@@ -6,7 +6,6 @@ effect analysis."""
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import OmnimatteError
+from ..jsonfile import read_json
 from .video import list_frame_files, read_video
 
 ALPHA_BITS = 16  # truth alpha maps are 16-bit grayscale PNG
@@ -61,7 +61,7 @@ def read_truth(folder, foreground: bool = True) -> dict:
     meta_file = truth / "meta.json"
     if not meta_file.is_file():
         raise OmnimatteError(f"{folder}: no truth/meta.json (not a synthetic clip)")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     out = {"background": read_video(truth / "background")[0], "names": list(meta["names"]), "meta": meta}
     for key in ("alpha", "effect", "object_alpha"):
         out[key] = [_read_alpha16(truth / f"{key}_{n}") for n in meta["names"]]

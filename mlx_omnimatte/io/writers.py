@@ -37,7 +37,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from ..compositing import alpha_channel, rgba, to_uint8
+from ..compositing import alpha_channel, to_uint8
 from ..errors import OmnimatteError
 from ..memory import format_bytes
 from .video import as_rate
@@ -374,22 +374,3 @@ def background_sink(path: str | Path, fps: float | Fraction, overwrite: bool = F
 def write_video(path, frames, fps, overwrite: bool = False, crf: int = H264_CRF) -> Path:
     """H.264 video (mp4/mov/mkv) from RGB ``[T, H, W, 3]`` or gray ``[T, H, W]``."""
     return write_frames(video_sink(path, fps, overwrite, crf), frames)
-
-
-def write_rgba_video(path, frames, fps, overwrite: bool = False) -> Path:
-    return write_frames(rgba_video_sink(path, fps, overwrite), frames)
-
-
-def write_layer(path, alpha: np.ndarray, foreground: np.ndarray, fps, overwrite: bool = False) -> Path:
-    """alpha ``[T, H, W]`` / ``[T, H, W, 1]``, foreground ``[T, H, W, 3]``, uint8
-    or float in [0, 1]."""
-    sink = layer_sink(path, fps, overwrite)
-    return write_frames(sink, (rgba(alpha[t], foreground[t]) for t in range(len(foreground))))
-
-
-def write_alpha(path, alpha: np.ndarray, fps, overwrite: bool = False) -> Path:
-    return write_frames(alpha_sink(path, fps, overwrite), alpha)
-
-
-def write_background(path, frames: np.ndarray, fps, overwrite: bool = False) -> Path:
-    return write_frames(background_sink(path, fps, overwrite), frames)

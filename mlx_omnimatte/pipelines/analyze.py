@@ -50,7 +50,6 @@ from ..memory import format_bytes
 from ..models.wan.transformer import Config as DiTConfig
 from ..progress import Report, stage
 from ..prompts import encode_prompts
-from ..weights import read_config
 from .conditioning import (CHANNELS_PER_LATENT_FRAME, VAE_STRIDE, condition_channels, model_input,
                            model_masks, model_video, plan_for)
 from .settings import Settings, vae_budget
@@ -259,7 +258,7 @@ def noisy_input(item: ClipInput, cond: mx.array, z0: mx.array, t: float, seed: i
 
 
 def dit_patch(bundle: Bundle) -> tuple:
-    return DiTConfig.from_dict(read_config(bundle.path("transformer"))).patch_size
+    return DiTConfig.from_dict(bundle.config("transformer")).patch_size
 
 
 def run_analysis(data, bundle: Bundle, t: float = DEFAULT_T, clips: int | None = None,

@@ -10,26 +10,26 @@ the inputs, check the settings and the bundle, plan, and run through here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..branch.experts import KINDS
-from ..bundle import COMPONENTS, Bundle, check_expert_fits, open_bundle
+from ..bundle import Bundle, open_bundle
 from ..compositing import as_float
 from ..errors import OmnimatteError
-from ..io.compose import FIT_MODES
+from ..io.compose import FIT_MODES, check_size, fit_times
 from ..io.grid import GridVideo, plan_grid, resize_frames
-from ..io.inputs import ClipSpec, read_clip, read_frames, resolve_clip
+from ..io.inputs import Clip, ClipSpec, read_clip, read_frames, resolve_clip
 from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
 from ..memory import machine_memory
-from ..weights import read_config
+from ..weights import BUNDLE_COMPONENTS, read_config
 from ..progress import Progress, Report
 from ..prompts import prompt_cached
 from .omnimatte import Layers, run_decompose
-from .optimize import OptimizeSettings, check_optimize, fit_plate
+from .optimize import AGAINST, PLATE, OptimizeSettings, check_optimize, fit_plate
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs
 from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
@@ -57,6 +57,7 @@ class Request:
     outputs: Outputs = field(default_factory=Outputs)  # what will be written (planned: encoders, disk)
     solver: str = "fast"  # two-stage and clean plate: the layer solver (fast | unet)
     solo: bool = False  # two-stage: one removal trajectory per object as well
+    opened: Bundle | None = field(default=None, repr=False)  # the bundle, once opened (carried, not reopened)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -82,25 +83,60 @@ class Prepared:
         return "\n".join(lines + ([advice] if advice else []))
 
 
-def choose_mode(request: Request, method: str | None) -> Mode:
-    """`decompose`'s method: the experts when the bundle has them, else the
-    optimization; a clean plate needs no method. From the manifest alone."""
-    if request.plate is not None:
-        return Mode.PLATE
-    if request.bundle is None:
+def choose_mode(plate, bundle, method: str | None, expert_dirs: dict, tau) -> tuple[Mode, Bundle | None]:
+    """`decompose`'s method and its opened bundle: the experts when the
+    bundle has them, else two-stage; a clean plate needs no method. From the
+    manifest alone."""
+    if plate is not None:
+        return Mode.PLATE, None
+    if bundle is None:
         raise OmnimatteError("decompose: give --bundle (a converted model bundle) or --clean-plate PLATE")
     method = METHOD_ALIASES.get(method, method)
     if method not in (None, *METHODS):
         raise OmnimatteError(f"--method {method}: unknown (one of {', '.join(METHODS)})")
-    have = {**open_bundle(request.bundle, ("transformer",)).experts, **request.expert_dirs}
-    need = experts_needed(Mode.DECOMPOSE, request.settings.tau)
+    opened = open_bundle(bundle, ("transformer",))
+    have = {**opened.experts, **expert_dirs}
+    need = experts_needed(Mode.EXPERTS, tau)
     if method == "experts" and not all(k in have for k in need):
         missing = ", ".join(k for k in need if k not in have)
-        raise OmnimatteError(f"--method experts: the bundle {request.bundle} has no {missing} expert "
+        raise OmnimatteError(f"--method experts: the bundle {bundle} has no {missing} expert "
                              "(use --method two-stage, or add experts with `mlx-omnimatte convert`)")
     if method is None:
         method = "experts" if all(k in have for k in need) else "two-stage"
-    return Mode.DECOMPOSE if method == "experts" else Mode.TWO_STAGE
+    return (Mode.EXPERTS if method == "experts" else Mode.TWO_STAGE), opened
+
+
+def optimize_settings(iterations: int | None = None, batch_frames: int | None = None,
+                      lr: float | None = None) -> OptimizeSettings:
+    """The U-Net settings (None: the default); the reference's step schedule
+    (lr drops, end of mask supervision) scales with the iterations."""
+    opt = OptimizeSettings(**{k: v for k, v in (("batch_frames", batch_frames), ("lr", lr)) if v is not None})
+    return opt.scaled(iterations) if iterations is not None else opt
+
+
+def remove_request(video, masks=(), *, bundle, caption=None, frames=None, objects: str = "both",
+                   outputs: Outputs | None = None, **settings) -> Request:
+    """The one `remove` request of the command line and the Python API."""
+    return Request(Mode.REMOVE, resolve_clip(video, masks, caption, frames), Path(bundle), settings_from(**settings),
+                   objects, outputs=outputs or Outputs())
+
+
+def decompose_request(video, masks=(), *, bundle=None, caption=None, frames=None, method: str | None = None,
+                      experts: dict | None = None, clean_plate=None, fit: str | None = None,
+                      iterations: int | None = None, batch_frames: int | None = None, lr: float | None = None,
+                      layer_solver: str = "fast", solo: bool = False, outputs: Outputs | None = None,
+                      **settings) -> Request:
+    """The one `decompose` request of the command line and the Python API,
+    its method chosen (and its bundle opened, once)."""
+    clip = resolve_clip(video, masks, caption, frames)
+    s = settings_from(**settings)
+    plate = Path(clean_plate) if clean_plate is not None else None
+    bundle = Path(bundle) if bundle is not None else None
+    expert_dirs = {k: Path(v) for k, v in (experts or {}).items()}
+    mode, opened = choose_mode(plate, bundle, method, expert_dirs, s.tau)
+    return Request(mode, clip, bundle, s, optimize=optimize_settings(iterations, batch_frames, lr), plate=plate,
+                   fit=fit, expert_dirs=expert_dirs, outputs=outputs or Outputs(), solver=layer_solver, solo=solo,
+                   opened=opened)
 
 
 def check_plate(path: Path, spec: ClipSpec, fit: str | None) -> None:
@@ -116,10 +152,9 @@ def check_plate(path: Path, spec: ClipSpec, fit: str | None) -> None:
     else:
         info = probe_video(path, spec.info.fps)
         w, h, t = info.width, info.height, info.frames
-    # the fitting rules on a shape-only stand-in (a broadcast view: no memory)
-    if fit is None:
-        fit_plate(np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (t, h, w, 3)), spec.info.frames,
-                  spec.info.size, None)
+    # the fitting rules of `fit_plate`, on the header's figures
+    check_size((w, h), spec.info.size, fit, PLATE, AGAINST)
+    fit_times(t, spec.info.frames, fit, PLATE, AGAINST)
 
 
 def read_plate(path: Path, spec: ClipSpec, size: tuple[int, int], fit: str | None):
@@ -152,7 +187,7 @@ def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
         if given not in (None, kind):
             raise OmnimatteError(f"--expert {kind}={path}: that is a {given} expert (give it as {given}={path})")
     experts = {**bundle.manifest.get("experts", {}), **{k: str(Path(p).resolve()) for k, p in expert_dirs.items()}}
-    return Bundle(bundle.root, {**bundle.manifest, "experts": experts})
+    return replace(bundle, manifest={**bundle.manifest, "experts": experts})
 
 
 def prepare(request: Request) -> Prepared:
@@ -169,10 +204,8 @@ def prepare(request: Request) -> Prepared:
         req = cost_request(request)
         costs = run_costs(req, grid, machine_rates(probes_for(req)))
         return Prepared(request, None, plan, machine_memory(), costs)
-    b = with_experts(open_bundle(request.bundle, COMPONENTS), request.expert_dirs)
-    transformer = read_config(b.path("transformer"))
-    for kind in request.experts:
-        check_expert_fits(b.expert(kind), transformer)
+    opened = request.opened or open_bundle(request.bundle, ())
+    b = with_experts(opened.check(BUNDLE_COMPONENTS), request.expert_dirs).check((), request.experts)
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
     cached = prompt_cached(b.path("t5"), request.clip.caption or "", s.cache_dir)
     plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs,
@@ -210,16 +243,21 @@ def grid_size(prepared: Prepared) -> tuple[int, int]:
     return prepared.plan.grid.size
 
 
+def read_input(prepared: Prepared, report: Report = None) -> Clip:
+    """The clip read onto the planned grid, which it carries to the stages."""
+    return replace(read_clip(prepared.request.clip, grid_size(prepared), report), plan=prepared.plan.grid)
+
+
 def execute(prepared: Prepared, report: Report = None) -> dict:
     """Check the plan fits, read the clip onto the model grid, run: removal ->
     {label: GridVideo}, the decompositions -> {name: LayerVideos}."""
     r = prepared.request
     check_plan(prepared)
-    clip = read_clip(r.clip, grid_size(prepared), report)
+    clip = read_input(prepared, report)
     if r.mode is Mode.PLATE:
         working, background = read_plate(r.plate, r.clip, grid_size(prepared), r.fit)
         return run_with_plate(clip, working, background, r.optimize, report, r.solver)
-    if r.mode is Mode.DECOMPOSE:
+    if r.mode is Mode.EXPERTS:
         return run_decompose(clip, prepared.bundle, r.settings, report, kinds=r.experts)
     if r.mode is Mode.TWO_STAGE:
         return run_two_stage(clip, prepared.bundle, r.settings, r.optimize, report, r.solver, r.solo)
@@ -235,8 +273,8 @@ def source_frames(spec: ClipSpec) -> np.ndarray:
 def remove(video, masks=None, *, bundle, caption=None, frames=None, objects: str = "both",
            progress: bool = False, **settings) -> dict:
     """label ("all", "without_<name>") -> background float32 [T, H, W, 3] in [0, 1]."""
-    request = Request(Mode.REMOVE, resolve_clip(video, masks or (), caption, frames), Path(bundle),
-                      settings_from(**settings), objects)
+    request = remove_request(video, masks or (), bundle=bundle, caption=caption, frames=frames, objects=objects,
+                             **settings)
     return {label: bg.full().astype(np.float32) / 255.0
             for label, bg in execute(prepare(request), Progress(enabled=progress)).items()}
 
@@ -252,14 +290,9 @@ def decompose(video, masks=None, *, bundle=None, caption=None, frames=None, meth
     bundle's; `clean_plate`: a background video or image, then no bundle is
     needed; `layer_solver`: "fast" or "unet" (two-stage and clean plate);
     `solo`: two-stage with one removal pass per object as well."""
-    opt = OptimizeSettings(**{k: v for k, v in (("batch_frames", batch_frames), ("lr", lr)) if v is not None})
-    opt = opt.scaled(iterations) if iterations is not None else opt  # the schedule scales with the run
-    request = Request(Mode.DECOMPOSE, resolve_clip(video, masks or (), caption, frames),
-                      Path(bundle) if bundle is not None else None, settings_from(**settings), optimize=opt,
-                      plate=Path(clean_plate) if clean_plate is not None else None, fit=fit,
-                      expert_dirs={k: Path(v) for k, v in (experts or {}).items()}, solver=layer_solver,
-                      solo=solo)
-    request.mode = choose_mode(request, method)
+    request = decompose_request(video, masks or (), bundle=bundle, caption=caption, frames=frames, method=method,
+                                experts=experts, clean_plate=clean_plate, fit=fit, iterations=iterations,
+                                batch_frames=batch_frames, lr=lr, layer_solver=layer_solver, solo=solo, **settings)
     layers = execute(prepare(request), Progress(enabled=progress))
     source = as_float(source_frames(request.clip))
     return {name: layer.materialize(source) for name, layer in layers.items()}

@@ -41,6 +41,9 @@ class Conditioning:
 
 
 def plan_for(clip: Clip, size=None, min_frames: int = 81) -> GridPlan:
+    """The clip's model grid: the one its prepared run planned, else planned here."""
+    if clip.plan is not None:
+        return clip.plan
     return plan_grid(clip.size[0], clip.size[1], clip.num_frames, size=size, min_frames=min_frames)
 
 

@@ -25,13 +25,13 @@ import mlx.core as mx
 from ..bundle import Bundle
 from ..io.grid import GridPlan, GridVideo
 from ..io.inputs import read_clip, resolve_clip
+from ..io.outputs import write_decomposition
 from ..layer_solver import solve_layers
 from ..models.unet import DOWNSAMPLE
 from ..synth import make_clip, write_clip
-from ..weights import read_config
+from ..weights import BUNDLE_COMPONENTS
 from .omnimatte import LayerVideos
 from .optimize import OptimizeSettings, optimize_layers
-from .outputs import write_decomposition
 from .settings import Mode
 
 RATES_VERSION = 3  # bump when the probe changes: cached figures are then measured again
@@ -251,7 +251,7 @@ def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_byte
     seconds = forwards * dit_forward_flops(cfg, tokens) / (rate * DIT_EFFICIENCY)
     out.append(StageCost("denoise", f"{forwards} DiT forwards ({trajectories} trajectories x {steps} steps x "
                                     f"{windows} windows, {tokens} tokens)", seconds))
-    decodes = trajectories * (2 if mode is Mode.DECOMPOSE else 1)
+    decodes = trajectories * (2 if mode is Mode.EXPERTS else 1)
     out.append(StageCost("vae decode", f"{decodes} x {grid.frames} frames",
                          decodes * px * vae_flops_per_pixel(vae_base, decode=True) / conv))
     return out
@@ -283,11 +283,11 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     start = StageCost("start-up", "imports (spent)", time.process_time())
     if req.mode is Mode.PLATE:
         return [start, read, *solve, write]
-    sizes = {c: bundle.weight_bytes(c) for c in ("transformer", "vae", "t5", "clip")}
+    sizes = {c: bundle.weight_bytes(c) for c in BUNDLE_COMPONENTS}
     if prompt_cached:
         sizes.pop("t5")
-    cfg = read_config(bundle.path("transformer"))
-    vae_base = read_config(bundle.path("vae")).get("base_dim", 96)
+    cfg = bundle.config("transformer")
+    vae_base = bundle.config("vae").get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
                         req.trajectories, settings.dtype, rates, prompt_cached, vae_base)
     return [start, read, *model, *solve, write]

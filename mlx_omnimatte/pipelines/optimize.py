@@ -35,7 +35,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from ..compositing import as_float, least_alpha
+from ..compositing import as_float, least_alpha, over
 from ..errors import OmnimatteError
 from ..io.compose import fit_frames
 from ..io.masks import dilate_mask
@@ -133,18 +133,16 @@ def mask_loss(alpha: mx.array, mask: mx.array, outside=0.0) -> mx.array:
     return masked_l2(alpha, mask, mask) + masked_l2(alpha, outside, 1.0 - mask)
 
 
-def over(layers: list[tuple[mx.array, mx.array]], background: mx.array) -> mx.array:
-    """(rgb, alpha) layers listed front to back, composited over ``background``."""
-    out = background
-    for rgb, a in reversed(layers):
-        out = rgb * a + out * (1.0 - a)
-    return out
+def front_to_back_over(layers: list[tuple[mx.array, mx.array]], background: mx.array) -> mx.array:
+    """(rgb, alpha) layers as the reference lists them, front to back, over
+    ``background``."""
+    return over(background, [(a, rgb) for rgb, a in reversed(layers)])
 
 
 def layer_losses(layers, background, target, masks, mask_means, l0_k: float = 5.0, outside=None) -> dict:
     """The reference loss terms, summed over layers; ``masks`` [K, N, H, W, 1];
     ``outside``: per layer the alpha supervised outside its mask (None: 0)."""
-    recon = mx.mean(mx.square(target - over(layers, background)))
+    recon = mx.mean(mx.square(target - front_to_back_over(layers, background)))
     l0 = sum(m * sparsity_l0(a, l0_k) for (_, a), m in zip(layers, mask_means))
     l1 = sum(m * sparsity_l1(a) for (_, a), m in zip(layers, mask_means))
     sup = sum(mask_loss(a, masks[k], 0.0 if outside is None else outside[k]) for k, (_, a) in enumerate(layers))
@@ -422,9 +420,12 @@ def run_clean_plate(frames, masks: list, plate, settings: OptimizeSettings | Non
 # --- the clean plate ----------------------------------------------------------------
 
 
+PLATE, AGAINST = "clean plate", "the clip's"  # the two sides in the fitting messages
+
+
 def fit_plate(plate_frames: np.ndarray, num_frames: int, size: tuple[int, int], fit: str | None = None) -> np.ndarray:
     """A plate ([H, W, 3] image or [T, H, W, 3] video) as ``num_frames``
     frames at ``size`` (W, H), by the one fitting rule of ``io.compose``: an
     image repeats, a longer plate is trimmed, another size or fewer frames is
     an error unless ``fit`` (stretch, crop or loop)."""
-    return fit_frames(plate_frames, num_frames, size, fit, what="clean plate", against="the clip's")
+    return fit_frames(plate_frames, num_frames, size, fit, what=PLATE, against=AGAINST)

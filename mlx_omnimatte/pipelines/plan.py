@@ -19,7 +19,6 @@ from ..io.grid import GridPlan
 from ..io.preview import PANELS, panel_size
 from ..memory import DEFAULT_ATTENTION_BUDGET, GB, fused_attention
 from ..models.wan import vae_tiling
-from ..weights import read_config
 from .settings import Mode, Settings, num_windows, vae_budget
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
 TEXT_TOKENS = 512  # the caption is encoded to this many tokens
@@ -134,7 +133,7 @@ def _encoder_activations(cfg: dict, tokens: int, width: str, heads: str, ffn: st
 def kept_videos(mode: Mode, objects: int, trajectories: int = 1) -> tuple[int, int]:
     """(RGB, alpha) model-grid videos a run keeps until it writes: one
     background per removal trajectory (a clean plate: one)."""
-    if mode is Mode.DECOMPOSE:
+    if mode is Mode.EXPERTS:
         return objects, objects
     return trajectories, objects if mode in (Mode.TWO_STAGE, Mode.PLATE) else 0
 
@@ -198,7 +197,7 @@ def plan_plate(grid: GridPlan, objects: int, solver: str, opt, outputs: Outputs 
 
 def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings: Settings,
              prompt_cached: bool = False, outputs: Outputs | None = None, trajectories: int = 1) -> RunPlan:
-    cfg = read_config(bundle.path("transformer"))
+    cfg = bundle.config("transformer")
     lat_w, lat_h = grid.latent_size
     window_frames = min(grid.latent_frames, settings.window)
     halves = mode.halves
@@ -207,11 +206,11 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     dit_weights = bundle.weight_bytes("transformer")
     if settings.dtype == "float32" and cfg.get("dtype") != "float32" and not cfg.get("quantization"):
         dit_weights *= 2  # cast up at load (packed quantized weights stay as they are)
-    vae_cfg = read_config(bundle.path("vae"))
+    vae_cfg = bundle.config("vae")
     vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
     outputs = outputs or Outputs()
-    t5_cfg, clip_cfg = read_config(bundle.path("t5")), read_config(bundle.path("clip"))
+    t5_cfg, clip_cfg = bundle.config("t5"), bundle.config("clip")
     clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
     host = host_bytes(mode, grid, objects, outputs, trajectories)
     run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens,

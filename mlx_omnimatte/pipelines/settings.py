@@ -19,14 +19,14 @@ SEED_LIMIT = 1 << 64
 
 class Mode(str, Enum):
     REMOVE = "remove"  # Casper backgrounds
-    DECOMPOSE = "decompose"  # dual-expert layers (decompose --method experts)
+    EXPERTS = "experts"  # dual-expert layers (decompose --method experts)
     TWO_STAGE = "two-stage"  # a removal model's background, then the layers over it
     PLATE = "clean-plate"  # the layers over a given plate: no model
 
     @property
     def halves(self) -> int:
         """Token halves per DiT forward (the branch doubles them)."""
-        return 2 if self is Mode.DECOMPOSE else 1
+        return 2 if self is Mode.EXPERTS else 1
 
 
 @dataclass
@@ -98,7 +98,7 @@ def settings_from(**kwargs) -> Settings:
 def experts_needed(mode: Mode, tau: float | None) -> tuple[str, ...]:
     """The expert kinds a run loads: none for removal; for decomposition tau =
     0 runs the Effect expert only, tau = 1 the Quality expert only."""
-    if mode is not Mode.DECOMPOSE:
+    if mode is not Mode.EXPERTS:
         return ()
     if tau is None or 0 < tau < 1:
         return KINDS

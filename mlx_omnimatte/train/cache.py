@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import OmnimatteError
+from ..jsonfile import read_json
 
 FORMAT = "mlx-omnimatte-latent-cache"
 VERSION = 1
@@ -77,11 +78,8 @@ def read_manifest(root) -> dict:
         raise OmnimatteError(f"{root}: no such latent cache (make one with `mlx-omnimatte prepare`)")
     if not path.is_file():
         raise OmnimatteError(f"{root}: not a latent cache (no {MANIFEST}; make one with `mlx-omnimatte prepare`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        raise OmnimatteError(f"{path}: not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT:
         raise OmnimatteError(f"{path}: not a latent cache of mlx-omnimatte")
     if manifest.get("version") != VERSION:
         raise OmnimatteError(f"{path}: cache version {manifest.get('version')}, this version reads {VERSION}")

@@ -38,6 +38,3 @@ def sum_tree(tree):
         return tree
     return tree_map(lambda a: mx.distributed.all_sum(a, group=g, stream=mx.cpu), tree)
 
-
-def is_main() -> bool:
-    return world()[1] == 0

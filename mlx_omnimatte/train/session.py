@@ -17,7 +17,7 @@ from ..bundle import open_bundle
 from ..errors import OmnimatteError
 from ..io.writers import atomic_output, check_output
 from ..progress import Report
-from ..weights import load_model, read_config
+from ..weights import load_model
 from . import distributed
 from .cache import ENCODERS, LatentCache, fingerprint
 from .store import load_checkpoint, read_meta, save_checkpoint, write_expert_into
@@ -77,7 +77,7 @@ def run_training(bundle_path, cache_path, out, settings: TrainSettings, resume: 
     bundle = open_bundle(bundle_path, need=("transformer", *ENCODERS))
     cache = LatentCache(cache_path, bundle)
     held_out = LatentCache(val_cache, bundle) if val_cache is not None else None
-    settings = settings.resolve(read_config(bundle.path("transformer"))["num_layers"])
+    settings = settings.resolve(bundle.config("transformer")["num_layers"])
     check_batch(cache, settings)
     start = resume_point(out, resume)
     identity = {"base_model": fingerprint(bundle.path("transformer")), "cache": cache.manifest["encoders"]}

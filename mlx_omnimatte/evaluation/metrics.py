@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compositing import as_float
-from .errors import OmnimatteError
+from ..compositing import as_float
+from ..errors import OmnimatteError
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 11

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics
+from . import metrics
 from ..compositing import as_float, recompose, solve_foreground
 from ..errors import OmnimatteError
 from ..io.inputs import load_clip_folder

@@ -16,10 +16,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..compositing import rgba
-from ..io.preview import panel_size, preview_frame
-from ..io.video import iter_frames
-from ..io.writers import alpha_sink, atomic_output, background_sink, layer_sink, video_sink
 from ..progress import Report, stage
+from .preview import panel_size, preview_frame
+from .video import iter_frames
+from .writers import alpha_sink, atomic_output, background_sink, layer_sink, video_sink
 
 LAYER_FORMATS = {"png": "layer", "prores": "layer.mov", "webm": "layer.webm"}
 

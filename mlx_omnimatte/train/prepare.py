@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..bundle import open_bundle
+from ..compositing import over
 from ..errors import OmnimatteError
 from ..image_encoder import clip_features
 from ..io.grid import pad_frames, plan_grid, resize_frames
@@ -28,11 +29,11 @@ from ..io.inputs import find_clip_files, load_clip_folder, mask_name, read_capti
 from ..io.masks import build_trimask
 from ..io.video import iter_frames
 from ..io.truth import read_truth
+from ..pipelines.conditioning import condition_channels, model_masks, model_video
 from ..progress import Report, stage
 from ..prompts import encode_prompts
-from ..train import cache as lc
 from ..weights import load_model
-from .conditioning import condition_channels, model_masks, model_video
+from . import cache as lc
 
 MULTIPLE = 16
 
@@ -57,12 +58,9 @@ def train_grid(width: int, height: int, frames: int, size=None):
 def without_object(truth: dict, i: int) -> np.ndarray:
     """The clean plate with every layer but ``i`` composited back to front
     (float32 [T, H, W, 3] in [0, 1]); layer 0 is the front-most."""
-    img = truth["background"].astype(np.float32) / 255.0
-    for k in reversed(range(len(truth["alpha"]))):
-        if k != i:
-            a = truth["alpha"][k][..., None]
-            img = a * (truth["foreground"][k].astype(np.float32) / 255.0) + (1 - a) * img
-    return img
+    others = [(truth["alpha"][k][..., None], truth["foreground"][k].astype(np.float32) / 255.0)
+              for k in reversed(range(len(truth["alpha"]))) if k != i]
+    return over(truth["background"].astype(np.float32) / 255.0, others)
 
 
 def on_grid(x: np.ndarray, plan) -> np.ndarray:
