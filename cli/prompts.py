@@ -10,7 +10,7 @@ import click
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.progress import quiet
-from mlx_omnimatte.prompts import encode_prompts
+from mlx_omnimatte.encoders.text import encode_prompts
 
 
 def read_prompt_file(path: Path) -> list[str]:

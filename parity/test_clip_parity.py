@@ -25,7 +25,7 @@ from helpers import rel_err  # noqa: E402
 from encoder_reference import (  # noqa: E402
     hf_clip_penultimate, hf_clip_to_open_clip, hf_clip_vision, open_clip_to_wan, torch_clip_preprocess,
 )
-from mlx_omnimatte import image_encoder as text  # noqa: E402
+from mlx_omnimatte.encoders import image as text  # noqa: E402
 from mlx_omnimatte.cli.main import cli  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 

@@ -25,7 +25,7 @@ from helpers import rel_err  # noqa: E402
 from encoder_reference import (  # noqa: E402
     PROMPT_CORPUS, build_spm_tokenizer, hf_to_wan_t5, hf_umt5, wan_clean, wan_tokenize,
 )
-from mlx_omnimatte import prompts as text  # noqa: E402
+from mlx_omnimatte.encoders import text  # noqa: E402
 from mlx_omnimatte.cli.main import cli  # noqa: E402
 from mlx_omnimatte.models.t5 import relative_buckets  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402

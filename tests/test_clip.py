@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
-from mlx_omnimatte import image_encoder
+from mlx_omnimatte.encoders import image as image_encoder
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import clip

@@ -13,7 +13,7 @@ from ckpt_utils import save_torch_zip
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
-from mlx_omnimatte.prompts import load_text_encoder
+from mlx_omnimatte.encoders.text import load_text_encoder
 from mlx_omnimatte.weights import load_model
 from encoder_utils import hf_weights, make_tokenizer, to_wan
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from encoder_utils import CORPUS, hf_weights, make_tokenizer
-from mlx_omnimatte import prompts as text
+from mlx_omnimatte.encoders import text
 from mlx_omnimatte.cli.main import cli, main
 from mlx_omnimatte.cli.prompts import encode_prompts_cmd
 from mlx_omnimatte.errors import OmnimatteError

@@ -7,7 +7,7 @@ block (`use_31_block=True`), before the final LayerNorm and projection, so
 the last block is kept in the weights but not run by default.
 
 Inputs are channels-last pixels already resized to `image_size` and
-normalized with the CLIP mean/std (see `mlx_omnimatte.image_encoder.clip_preprocess`).
+normalized with the CLIP mean/std (see `mlx_omnimatte.encoders.image.clip_preprocess`).
 LayerNorms and the residual stream run in float32 (the reference computes its
 LayerNorms in float32 too); matmuls in the weight dtype.
 """

@@ -27,7 +27,7 @@ from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
 from ..memory import machine_memory
 from ..weights import BUNDLE_COMPONENTS, read_config
 from ..progress import Progress, Report
-from ..prompts import prompt_cached
+from ..encoders.text import prompt_cached
 from .omnimatte import Layers, run_decompose
 from .optimize import AGAINST, PLATE, OptimizeSettings, check_optimize, fit_plate
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs

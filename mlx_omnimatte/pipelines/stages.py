@@ -20,11 +20,11 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import OmnimatteError
-from ..image_encoder import clip_features
+from ..encoders.image import clip_features
 from ..io.inputs import Clip
 from ..io.masks import build_trimask
 from ..progress import Report, stage
-from ..prompts import encode_prompts
+from ..encoders.text import encode_prompts
 from ..sampling import make_sampler, sample
 from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
 from ..weights import load_model

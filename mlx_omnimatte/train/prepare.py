@@ -23,7 +23,7 @@ import numpy as np
 from ..bundle import open_bundle
 from ..compositing import over
 from ..errors import OmnimatteError
-from ..image_encoder import clip_features
+from ..encoders.image import clip_features
 from ..io.grid import pad_frames, plan_grid, resize_frames
 from ..io.inputs import find_clip_files, load_clip_folder, mask_name, read_caption
 from ..io.masks import build_trimask
@@ -31,7 +31,7 @@ from ..io.video import iter_frames
 from ..io.truth import read_truth
 from ..pipelines.conditioning import condition_channels, model_masks, model_video
 from ..progress import Report, stage
-from ..prompts import encode_prompts
+from ..encoders.text import encode_prompts
 from ..weights import load_model
 from . import cache as lc
 

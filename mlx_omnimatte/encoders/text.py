@@ -26,10 +26,10 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import OmnimatteError
-from .models import t5
-from .progress import Report, stage
-from .weights import load_weights, read_config, read_weight_map
+from ..errors import OmnimatteError
+from ..models import t5
+from ..progress import Report, stage
+from ..weights import load_weights, read_config, read_weight_map
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import gc
 import mlx.core as mx
 import numpy as np
 
-from .errors import OmnimatteError
-from .models.clip import MEAN, STD
-from .progress import Report, stage
-from .weights import load_model
+from ..errors import OmnimatteError
+from ..models.clip import MEAN, STD
+from ..progress import Report, stage
+from ..weights import load_model
 
 
 def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
