@@ -30,9 +30,10 @@ from branch_reference import (  # noqa: E402
     random_adapter, reference_branch, reference_dual_expert_sampling, write_adapter)
 from wan_reference import build_reference, reference_forward, write_format  # noqa: E402
 
+from branch_utils import sample_layers  # noqa: E402
 from helpers import rel_err  # noqa: E402
 from mlx_omnimatte.branch import branch_forward  # noqa: E402
-from mlx_omnimatte.pipelines.omnimatte import DualExpert, denoise_layers  # noqa: E402
+from mlx_omnimatte.pipelines.omnimatte import DualExpert  # noqa: E402
 from mlx_omnimatte.pipelines.settings import Settings  # noqa: E402
 from mlx_omnimatte.cli.main import main  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import PRESETS, Config  # noqa: E402
@@ -149,7 +150,7 @@ def test_tiny_dual_expert_sampling(tiny):
     # the loop `decompose` runs (windows, routing, schedule check)
     ctx = tiny.model.embed_context(mx.array(tiny.context), mx.array(tiny.clip))
     dual = DualExpert.of(tiny.experts, tau)
-    zb, za = denoise_layers(tiny.model, dual, mx.array(tiny.z_bg), mx.array(tiny.z_alpha), mx.array(tiny.cond),
+    zb, za = sample_layers(tiny.model, dual, mx.array(tiny.z_bg), mx.array(tiny.z_alpha), mx.array(tiny.cond),
                             ctx, Settings(steps=steps, shift=5.0, dtype="float32"), report)
     assert ran == kinds
     e_bg, e_a = rel_err(np.array(zb), zb_ref), rel_err(np.array(za), za_ref)

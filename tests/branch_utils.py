@@ -15,6 +15,8 @@ from mlx.utils import tree_unflatten
 
 from helpers import random_params
 from mlx_omnimatte.models.wan.transformer import Config, Model
+from mlx_omnimatte.pipelines.stages import Trajectory, sample_trajectory
+from mlx_omnimatte.sampling import make_sampler
 
 TINY = dict(dim=64, ffn_dim=96, num_heads=2, num_layers=4, in_dim=36, out_dim=16, text_dim=48,
             image_dim=32, text_len=16)
@@ -104,3 +106,14 @@ def inputs(model: Model, frames: int = 2, h: int = 4, w: int = 4, seed: int = 3)
         z_bg=r(1, frames, h, w, 16), z_alpha=r(1, frames, h, w, 16), cond=r(1, frames, h, w, cfg.in_dim - 16),
         context=mx.array(ctx), clip_fea=r(1, 257, cfg.image_dim) if cfg.image_dim else None,
     )
+
+
+def sample_layers(model, dual, z_bg, z_alpha, y, ctx, settings, report=None):
+    """The dual-expert trajectory as `decompose` samples it (schedule and
+    experts checked first, then the stage runner's one trajectory): the
+    background and alpha latents at sigma 0."""
+    dual.check_schedule(settings)
+    spec = dual.spec([Trajectory("", [0], latents=2)])
+    spec.check(model)
+    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
+    return tuple(sample_trajectory(model, spec, y, ctx, [z_bg, z_alpha], settings, sampler, report))

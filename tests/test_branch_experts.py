@@ -1,5 +1,5 @@
 """Expert routing by timestep, tau checks, width checks, and the dual-expert
-sampling loop that `decompose` runs (`pipelines.omnimatte.denoise_layers`:
+sampling loop that `decompose` runs (`pipelines.stages.sample_trajectory`:
 both latents stepped together, experts switched at tau)."""
 
 import mlx.core as mx
@@ -8,10 +8,10 @@ import pytest
 from mlx_omnimatte import sampling
 from mlx_omnimatte.branch import Expert, LoRA, branch_forward, check_tau, route, select
 from mlx_omnimatte.errors import OmnimatteError
-from mlx_omnimatte.pipelines.omnimatte import DualExpert, denoise_layers
+from mlx_omnimatte.pipelines.omnimatte import DualExpert
 from mlx_omnimatte.pipelines.settings import Settings
 from mlx_omnimatte.weights import load_model
-from branch_utils import adapter_keys, convert_expert, inputs, random_adapter, tiny_model, write_lora
+from branch_utils import adapter_keys, convert_expert, inputs, random_adapter, sample_layers, tiny_model, write_lora
 
 
 def test_route_and_tau():
@@ -44,7 +44,7 @@ def sample_branch(model, x, steps, effect=None, quality=None, tau=None, sampler=
             kinds.append(detail.split()[0])
 
     settings = Settings(steps=steps, shift=shift, sampler=sampler, dtype="float32")
-    zb, za = denoise_layers(model, dual, x["z_bg"], x["z_alpha"], x["cond"], ctx, settings, report)
+    zb, za = sample_layers(model, dual, x["z_bg"], x["z_alpha"], x["cond"], ctx, settings, report)
     return zb, za, kinds
 
 
@@ -126,7 +126,7 @@ def test_bad_tau_and_missing_expert_fail_before_sampling():
     with pytest.raises(OmnimatteError, match=r"tau 1.5: must lie in \[0, 1\]"):
         sample_branch(model, x, 3, None, q, tau=1.5)
     with pytest.raises(OmnimatteError, match="effect expert is needed"):
-        denoise_layers(model, DualExpert.of({"quality": q}, 0.5), x["z_bg"], x["z_alpha"], x["cond"], ctx,
+        sample_layers(model, DualExpert.of({"quality": q}, 0.5), x["z_bg"], x["z_alpha"], x["cond"], ctx,
                        Settings(steps=3), counting)
     assert steps == []  # refused before the first step
     with pytest.raises(OmnimatteError, match="needs an Effect or a Quality expert"):

@@ -15,7 +15,7 @@ switching experts between steps costs nothing measurable.
 
 The dual-expert sampling loop (both latents stepped together, the expert --
 and with it LoRA and mask -- switched at tau) is the product's:
-`pipelines.omnimatte.denoise_layers`.
+`pipelines.stages.sample_trajectory`.
 """
 
 from __future__ import annotations

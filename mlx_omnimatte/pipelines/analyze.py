@@ -38,18 +38,18 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..analysis import STAGES, BlockScores, Stages, block_scores, partition
 from ..bundle import Bundle
-from ..errors import OmnimatteError
 from ..encoders.image import clip_features
+from ..encoders.text import encode_prompts
+from ..errors import OmnimatteError
 from ..io.grid import GridPlan, pad_frames, resize_masks
 from ..io.inputs import Clip, load_clip_folder
 from ..io.masks import build_trimask
+from ..io.truth import read_truth
 from ..io.video import natural_key
 from ..io.writers import atomic_output
-from ..io.truth import read_truth
 from ..memory import format_bytes
 from ..models.wan.transformer import Config as DiTConfig
 from ..progress import Report, stage
-from ..encoders.text import encode_prompts
 from .conditioning import (CHANNELS_PER_LATENT_FRAME, VAE_STRIDE, condition_channels, model_input,
                            model_masks, model_video, plan_for)
 from .settings import Settings, vae_budget

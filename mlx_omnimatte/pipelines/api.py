@@ -19,15 +19,15 @@ from PIL import Image
 from ..branch.experts import KINDS
 from ..bundle import Bundle, open_bundle
 from ..compositing import as_float
+from ..encoders.text import prompt_cached
 from ..errors import OmnimatteError
 from ..io.compose import FIT_MODES, check_size, fit_times
 from ..io.grid import GridVideo, plan_grid, resize_frames
 from ..io.inputs import Clip, ClipSpec, read_clip, read_frames, resolve_clip
 from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
 from ..memory import machine_memory
-from ..weights import BUNDLE_COMPONENTS, read_config
 from ..progress import Progress, Report
-from ..encoders.text import prompt_cached
+from ..weights import BUNDLE_COMPONENTS, read_config
 from .omnimatte import Layers, run_decompose
 from .optimize import AGAINST, PLATE, OptimizeSettings, check_optimize, fit_plate
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs

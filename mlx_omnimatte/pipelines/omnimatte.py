@@ -27,7 +27,7 @@ from ..progress import Report, stage
 from ..sampling import make_sampler
 from ..weights import load_model
 from .settings import Settings
-from .stages import ModeSpec, Trajectory, denoise, run_stages
+from .stages import ModeSpec, Trajectory, run_stages
 
 
 @dataclass
@@ -105,20 +105,6 @@ class DualExpert:
 
     def spec(self, trajectories: list[Trajectory]) -> ModeSpec:
         return ModeSpec(trajectories, self.velocity, self.check, self.describe)
-
-
-def denoise_layers(dit, dual: DualExpert, z_bg, z_alpha, y, ctx, settings: Settings, report: Report = None,
-                   label: str = ""):
-    """The dual-expert loop on one trajectory: (z_bg, z_alpha) [B, F, H, W, 16]
-    stepped together from noise to sigma 0, conditioned on `y` (mask channels
-    + condition latent) and the embedded context `ctx`, in temporal windows."""
-    dual.check(dit)
-    dual.check_schedule(settings)
-    sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
-    z = denoise(dual.velocity(dit, y, ctx), [z_bg, z_alpha], sampler=sampler, window=settings.window,
-                overlap=settings.overlap, report=report, label=label, describe=dual.describe,
-                dtype=settings.dtype)
-    return z[0], z[1]
 
 
 def load_experts(bundle: Bundle, kinds, report: Report = None) -> dict:

@@ -19,12 +19,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import OmnimatteError
 from ..encoders.image import clip_features
+from ..encoders.text import encode_prompts
+from ..errors import OmnimatteError
 from ..io.inputs import Clip
 from ..io.masks import build_trimask
 from ..progress import Report, stage
-from ..encoders.text import encode_prompts
 from ..sampling import make_sampler, sample
 from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
 from ..weights import load_model
@@ -183,11 +183,20 @@ def _trajectory(dit, cond: Conditioning, ctx, traj: Trajectory, z: list, spec: M
                 sampler, report: Report, cache=None) -> list:
     """One trajectory's latents at sigma 0, `cache` (or None) attached to the DiT."""
     y = condition_channels(build_trimask(cond.masks, traj.remove), cond.cond_latent)
+    return sample_trajectory(dit, spec, y, ctx, z, settings, sampler, report, traj.label, cache)
+
+
+def sample_trajectory(dit, spec: ModeSpec, y, ctx, z: list, settings: Settings, sampler, report: Report = None,
+                      label: str = "", cache=None) -> list:
+    """Latents ``z`` (one, or the branch's background and alpha, stepped
+    together) from noise to sigma 0 under the mode's velocity, conditioned on
+    ``y`` (mask channels + condition latent) and the embedded context, in
+    temporal windows."""
     with attached(dit, cache):
-        z = denoise(spec.velocity(dit, y, ctx), z if traj.latents > 1 else z[0], sampler=sampler,
-                    window=settings.window, overlap=settings.overlap, report=report, label=traj.label,
-                    describe=spec.describe, dtype=settings.dtype, cache=cache)
-    return list(z) if traj.latents > 1 else [z]
+        out = denoise(spec.velocity(dit, y, ctx), z if len(z) > 1 else z[0], sampler=sampler,
+                      window=settings.window, overlap=settings.overlap, report=report, label=label,
+                      describe=spec.describe, dtype=settings.dtype, cache=cache)
+    return list(out) if len(z) > 1 else [out]
 
 
 def bundle_calibration(bundle: Bundle, settings: Settings) -> Optional[Calibration]:
