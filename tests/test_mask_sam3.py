@@ -129,7 +129,7 @@ def test_dry_run_prints_figures(tiny, tmp_path, capsys):
     assert lines[0] == "mask: 1 object over 85 frames of 640x384, read 8 frames at a time"
     assert lines[1].startswith(f"model {tiny} (predicted): {params / 1e6:.2f} M parameters x float32")
     assert "per frame at its 1008x1008 input" in lines[1]
-    assert "(measured here on the first frames):" in lines[2] and "s per frame, MLX peak" in lines[2]
+    assert "(measured here on frames 1-2, banks of 1-2 memories):" in lines[2] and "with full banks" in lines[2]
     assert lines[3].startswith("released SAM3 (facebook/sam3, bfloat16): 859.92 M parameters x 16-bit = 1.60 GiB")
     assert "s per frame at its float32 matmul rate" in lines[4]
 

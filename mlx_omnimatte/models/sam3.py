@@ -159,12 +159,13 @@ def _neck(cfg, d: int) -> tuple[float, int]:
     return upsample + 2 * n * levels * (c * d + 9 * d * d), int(n * levels * d)
 
 
-def _memory_attention(cfg, objects: int, fused: bool) -> tuple[float, int, int]:
+def _memory_attention(cfg, objects: int, fused: bool, memories: float | None) -> tuple[float, int, int]:
     """(FLOPs, peak elements, memory-bank elements) of the tracker's memory
-    attention against a full bank (``num_maskmem`` frames), for ``objects``."""
+    attention for ``objects`` against a bank of ``memories`` frames (None:
+    full, ``num_maskmem``)."""
     t = cfg.tracker_config
     n, d = feature_grid(cfg) ** 2, t.memory_attention_hidden_size
-    m = t.num_maskmem * n
+    m = int((t.num_maskmem if memories is None else memories) * n)
     per_layer = 2 * n * (4 * d * d + 2 * d * t.memory_attention_feed_forward_hidden_size) + 4 * n * (n + m) * d
     peak = (0 if fused else t.memory_attention_num_attention_heads * n * m) + n * 8 * d
     bank = objects * m * t.memory_encoder_output_channels
@@ -172,16 +173,17 @@ def _memory_attention(cfg, objects: int, fused: bool) -> tuple[float, int, int]:
 
 
 def sam3_figures(cfg, dtype_bytes: int, objects: int = 1, window: int = 1, params: int | None = None,
-                 fused: bool = False) -> Sam3Figures:
+                 fused: bool = False, memories: float | None = None) -> Sam3Figures:
     """Size and per-frame cost of a SAM3 ModelConfig with weights of
     ``dtype_bytes``, tracking ``objects`` over frames read ``window`` at a
-    time; ``fused``: attention scores are never held (Metal)."""
+    time against banks of ``memories`` frames (None: full); ``fused``:
+    attention scores are never held (Metal)."""
     params = count_params(cfg) if params is None else params
     b = cfg.detector_config.vision_config.backbone_config
     n = (b.image_size // b.patch_size) ** 2
     vit_flops, vit_peak = _vit(cfg, fused)
     neck_flops, neck_out = _neck(cfg, cfg.tracker_config.vision_config.fpn_hidden_size)
-    mem_flops, mem_peak, bank = _memory_attention(cfg, objects, fused)
+    mem_flops, mem_peak, bank = _memory_attention(cfg, objects, fused, memories)
     held = FLOAT32 * (window * n * b.hidden_size + bank + neck_out)
     return Sam3Figures(params, params * dtype_bytes, FLOAT32 * max(vit_peak, mem_peak), held,
                        vit_flops + neck_flops + mem_flops, b.image_size)

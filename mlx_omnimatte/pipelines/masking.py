@@ -303,13 +303,17 @@ def make_masks(out: Path, request: MaskRequest, whole: bool, overwrite: bool = F
 # --- the dry run's figures ------------------------------------------------------
 
 
-def probe(folder: Path, request: MaskRequest, frames: int = 3) -> tuple[float, int]:
+PROBE_FRAMES = 3  # frame 0 (prompts, warm-up) untimed; frames 1, 2 track against banks of 1 and 2 memories
+PROBE_MEMORIES = 1.5
+
+
+def probe(folder: Path, request: MaskRequest, frames: int = PROBE_FRAMES) -> tuple[float, int]:
     """(seconds per frame, MLX peak bytes) of this model on the clip's first
-    frames with its prompts: the first frame pays for set-up and is not timed."""
+    frames with its prompts (moved to frame 0): the first frame pays for
+    set-up and is not timed; the later ones track against small banks."""
     model, processor = load_sam3(folder, text=any(p.kind == "text" for p in request.prompts))
-    short = MaskRequest(request.video, _first(request.info, frames), [p for p in request.prompts if p.frame == 0]
-                        or request.prompts[:1], request.model, threshold=-1.0)
-    short.prompts = [Prompt(p.kind, p.value, 0, p.name) for p in short.prompts]
+    prompts = [Prompt(p.kind, p.value, 0, p.name) for p in request.prompts]
+    short = MaskRequest(request.video, _first(request.info, frames), prompts, request.model, threshold=-1.0)
     mx.reset_peak_memory()
     stream = track(model, processor, short, window=1)  # one frame at a time, so each is timed
     next(stream)
@@ -346,8 +350,11 @@ def dry_run_lines(request: MaskRequest, folder: Path | None, cfg: dict, rates=No
     lines.append(_figure_line(f"model {request.model} (predicted)", mine, dtype_bytes, objects, WINDOW))
     if folder is not None:
         seconds, peak = probe(folder, request)
-        lines.append(f"model {request.model} (measured here on the first frames): {seconds:.2f} s per frame, "
-                     f"MLX peak {format_bytes(peak)}; the whole clip ~{format_seconds(seconds * info.frames)}")
+        small = sam3_figures(model_config(cfg), dtype_bytes, objects, WINDOW, mine.params, fused, PROBE_MEMORIES)
+        full = seconds * mine.flops / small.flops  # a full bank costs more: scaled by the FLOPs
+        lines.append(f"model {request.model} (measured here on frames 1-{PROBE_FRAMES - 1}, banks of 1-2 memories): "
+                     f"{seconds:.2f} s per frame, MLX peak {format_bytes(peak)}; with full banks ~{full:.2f} s per "
+                     f"frame, the whole clip ~{format_seconds(full * info.frames)}")
     else:
         lines.append(f"model {request.model}: not on disk yet (the run downloads it); not measured")
     released = sam3_figures(released_config(), 2, objects, WINDOW, params=RELEASED_PARAMS, fused=fused)
