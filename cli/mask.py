@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -93,7 +94,7 @@ def mask(video, out, texts, points, boxes, names, model, caption, dilate, erode,
     info = probe_video(video)
     whole = frames is None or frames >= info.frames
     if not whole:
-        info = type(info)(info.path, info.fps, frames, info.width, info.height)
+        info = replace(info, frames=frames)
     prompts = gather_prompts(texts, points, boxes, names)
     check_prompts(prompts, info)
     object_names(prompts)

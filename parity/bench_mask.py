@@ -4,8 +4,8 @@ the released SAM3's predicted figures.
 
     python parity/bench_mask.py [--frames 12] [--objects 2] [--video clip.mp4]
 
-Frames run one window of one frame at a time (so each is timed alone); the
-first frame pays for the prompts and warm-up and is reported apart. With
+Frames are predicted one by one, as `mask` runs them, and each is timed;
+the first frame pays for the prompts and warm-up and is reported apart. With
 --frames past the tracker's bank (7 memories) the last frames attend to a
 full bank, as the prediction assumes.
 """
@@ -29,8 +29,7 @@ from mlx_omnimatte.memory import format_bytes, fused_attention  # noqa: E402
 from mlx_omnimatte.io.video import probe_video  # noqa: E402
 from mlx_omnimatte.models.sam3 import RELEASED_PARAMS, load_sam3, model_config, sam3_figures  # noqa: E402
 from mlx_omnimatte.pipelines.cost import machine_rates  # noqa: E402
-from mlx_omnimatte.pipelines.masking import (SAM3_EFFICIENCY, WINDOW, MaskRequest, Prompt, released_config,  # noqa: E402
-                                             track)
+from mlx_omnimatte.pipelines.masking import SAM3_EFFICIENCY, MaskRequest, Prompt, released_config, track  # noqa: E402,E501
 
 VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "examples" / "boys-beach" / "input_video.mp4"
 
@@ -51,7 +50,7 @@ def main() -> None:
         request = MaskRequest(args.video, info, prompts, str(folder))
         mx.reset_peak_memory()
         times, start = [], time.perf_counter()
-        for _ in track(model, processor, request, window=1):
+        for _ in track(model, processor, request):
             now = time.perf_counter()
             times.append(now - start)
             start = now
@@ -66,10 +65,10 @@ def main() -> None:
           f"peak ~{format_bytes(tiny.peak_bytes)}, {tiny.flops / 1e9:.1f} GFLOP a frame")
     rate = machine_rates(("flops",)).flops("float32")
     print(f"  FLOPs at this machine's float32 matmul rate ({rate / 1e9:.0f} GFLOP/s) x {SAM3_EFFICIENCY}: "
-          f"{tiny.flops / (rate * SAM3_EFFICIENCY):.2f} s a frame (the rest is fixed-size work at 1008x1008: "
-          "resizing, convolutions, the 1152x1152 memory mask)")
-    big = sam3_figures(released_config(), 2, args.objects, WINDOW, params=RELEASED_PARAMS, fused=fused)
-    print(f"released SAM3, bfloat16 weights, {args.objects} objects, windows of {WINDOW} frames:")
+          f"{tiny.flops / (rate * SAM3_EFFICIENCY):.2f} s a frame from FLOPs alone (a tiny model's time goes to "
+          "work at its fixed 1008x1008 input that FLOPs miss: resizing, convolutions, unfused attention)")
+    big = sam3_figures(released_config(), 2, args.objects, params=RELEASED_PARAMS, fused=fused)
+    print(f"released SAM3, bfloat16 weights, {args.objects} objects:")
     print(f"  {big.params / 1e6:.1f} M parameters x 2 bytes = {format_bytes(big.weight_bytes)}; per frame at "
           f"1008x1008: activations {format_bytes(big.activation_bytes)}, held {format_bytes(big.held_bytes)}, "
           f"peak ~{format_bytes(big.peak_bytes)}, {big.flops / 1e12:.2f} TFLOP, "

@@ -85,3 +85,15 @@ def test_without_the_extra_one_line_says_what_to_install(without_mlx_vlm, sam3_f
 def test_help_says_masks_cover_the_object_only(capsys):
     code, stdout, _ = run_cli(["mask", "--help"], capsys)
     assert code == 0 and "cover the object only" in stdout and "--dilate" in stdout and "--raw" in stdout
+
+
+def test_frame_window_holds_one_window_and_frame_0():
+    from mlx_omnimatte.errors import OmnimatteError
+    from mlx_omnimatte.pipelines.masking import FrameWindow
+
+    w = FrameWindow(VIDEO, 90)  # declares more frames than the file has
+    a = w.load(0, 8)
+    b = w.load(8, 16)
+    assert len(w) == 90 and w[0] is a[0] and w[9] is b[1] and sorted(w._frames) == list(range(8, 16))
+    with pytest.raises(OmnimatteError, match="decoding stopped after 85 of the 90 frames"):
+        w.load(16, 90)

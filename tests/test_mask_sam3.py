@@ -6,6 +6,7 @@ change the result; the dry run's figures. Skipped without the masks extra."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,12 @@ def test_decompose_reads_the_folder(clip, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_windows_do_not_change_the_masks(tiny, monkeypatch):
-    """Streaming in windows (features dropped after each) gives the masks of
-    one pass over the whole clip, holding at most a window's features."""
+    """Streaming (frames decoded in windows, each frame's features dropped
+    once its masks are out) gives the masks of one pass over the whole clip,
+    holding one frame's features at a time."""
     model, processor = load_sam3(tiny)
     info = probe_video(VIDEO)
-    info = type(info)(info.path, info.fps, 3, info.width, info.height)
+    info = replace(info, frames=3)
     request = MaskRequest(VIDEO, info, [Prompt("point", (320.0, 200.0)), Prompt("box", (10, 20, 200, 300), 1)],
                           str(tiny))
     held = []
@@ -96,7 +98,7 @@ def test_windows_do_not_change_the_masks(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(Sam3VideoPredictor, "propagate", counting)
-    one = [m for _, m in track(model, processor, request, window=1)]
+    one = [m for _, m in track(model, processor, request, window=2)]
     assert held == [1, 1, 1]
     monkeypatch.setattr(Sam3VideoPredictor, "propagate", propagate)
     whole = Sam3VideoPredictor(model, processor)
@@ -126,7 +128,7 @@ def test_dry_run_prints_figures(tiny, tmp_path, capsys):
     assert not out.exists()
     lines = stdout.splitlines()
     params = sum(np.prod(v.shape) for v in __import__("mlx.core").core.load(str(tiny / "model.safetensors")).values())
-    assert lines[0] == "mask: 1 object over 85 frames of 640x384, read 8 frames at a time"
+    assert lines[0] == "mask: 1 object over 85 frames of 640x384, decoded 8 frames at a time, predicted one by one"
     assert lines[1].startswith(f"model {tiny} (predicted): {params / 1e6:.2f} M parameters x float32")
     assert "per frame at its 1008x1008 input" in lines[1]
     assert "(measured here on frames 1-2, banks of 1-2 memories):" in lines[2] and "with full banks" in lines[2]

@@ -119,7 +119,7 @@ class Sam3Figures:
     params: int
     weight_bytes: int
     activation_bytes: int
-    held_bytes: int  # features of a window's frames and every object's memory bank
+    held_bytes: int  # the features of ``window`` frames, every object's memory bank, the neck's outputs
     flops: float
     resolution: int
 

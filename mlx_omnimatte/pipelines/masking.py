@@ -1,10 +1,11 @@
 """Object masks from prompts (a few words, a click, a box) with SAM3's video
 predictor, written as a clip folder the other commands read.
 
-The video is streamed in windows of frames: the predictor computes each
-frame's features once, keeps them for the window only, and carries every
-object's memory bank (the last few frames' memories, a fixed size) from one
-window to the next, so memory does not grow with the clip's length. Masks are
+The video is streamed in windows of frames and predicted frame by frame:
+the predictor computes a frame's features, they are dropped once its masks
+are out, and every object's memory bank (its last few frames' memories, a
+fixed size) carries the tracking on, so memory does not grow with the
+clip's length. Masks are
 cleaned (`io.hygiene`), resized back to the source and written frame by frame
 into one atomic folder: ``input_video``, ``mask_00/``, ... (lossless PNG, the
 video's rate), ``prompt.json`` and ``masks_preview.mp4``.
@@ -21,7 +22,7 @@ import re
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -41,7 +42,7 @@ from ..models.sam3 import (RELEASED_PARAMS, box_prompt, feature_grid, load_sam3,
 from ..progress import Report, stage
 from .cost import format_seconds
 
-WINDOW = 8  # frames whose features the predictor holds at once
+WINDOW = 8  # frames decoded at once (the predictor holds one frame's features)
 PREVIEW_FILE = "masks_preview.mp4"
 TINT = 0.5  # preview: weight of an object's colour over its pixels
 COLOURS = np.array([(255, 64, 64), (64, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255), (40, 220, 220)],
@@ -134,7 +135,7 @@ class FrameWindow:
     current window (and frame 0, whose shape the predictor reads) is held."""
 
     def __init__(self, video: Path, count: int):
-        self.count, self._source = count, itertools.islice(iter_frames(video), count)
+        self.video, self.count, self._source = video, count, itertools.islice(iter_frames(video), count)
         self.first = None
         self._frames: dict[int, np.ndarray] = {}
 
@@ -145,7 +146,13 @@ class FrameWindow:
         return self.first if t == 0 else self._frames[t]
 
     def load(self, start: int, stop: int) -> list[np.ndarray]:
-        self._frames = {t: next(self._source) for t in range(start, stop)}
+        self._frames = {}
+        for t in range(start, stop):
+            frame = next(self._source, None)
+            if frame is None:
+                raise OmnimatteError(f"{self.video}: decoding stopped after {t} of the {self.count} frames its "
+                                     f"container declares (re-export it, or pass --frames {t})")
+            self._frames[t] = frame
         if start == 0:
             self.first = self._frames[0]
         return [self._frames[t] for t in range(start, stop)]
@@ -187,8 +194,9 @@ def _check_found(prompt: Prompt, mask: np.ndarray, score: float, threshold: floa
 
 def track(model, processor, request: MaskRequest, report: Report = None,
           window: int = WINDOW) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """Yield (source frame, one raw bool mask per object) for every frame,
-    reading and predicting ``window`` frames at a time."""
+    """Yield (source frame, one raw bool mask per object) for every frame:
+    frames are decoded ``window`` at a time and predicted one by one, each
+    frame's features dropped as soon as its masks are out."""
     info, prompts = request.info, request.prompts
     predictor = mlx_vlm_module("models.sam3.generate").Sam3VideoPredictor(model, processor, request.threshold)
     frames = FrameWindow(request.video, info.frames)
@@ -197,14 +205,12 @@ def track(model, processor, request: MaskRequest, report: Report = None,
     empty = np.zeros((info.height, info.width), dtype=bool)
     with stage(report, f"segment {len(prompts)} object{'s' * (len(prompts) > 1)}", info.frames) as tick:
         for start in range(0, info.frames, window):
-            stop = min(start + window, info.frames)
-            sources = frames.load(start, stop)
-            results = predictor.propagate(start, stop)
-            predictor._frame_features[start:stop] = [None] * (stop - start)  # the window's features go
-            for src, result in zip(sources, results):
+            for t, src in enumerate(frames.load(start, min(start + window, info.frames)), start):
+                result = predictor.propagate(t, t + 1)[0]
+                predictor._frame_features[t] = None  # the predictor's feature cache: one frame at a time
                 masks = _frame_masks(result, ids, info.size)
                 for p, m, i in zip(prompts, masks, ids):
-                    if p.frame == result.frame_idx:
+                    if p.frame == t:
                         _check_found(p, m, float(result.scores[list(result.object_ids).index(i)]),
                                      request.threshold)
                 yield src, [empty if m is None else m for m in masks]
@@ -315,7 +321,7 @@ def probe(folder: Path, request: MaskRequest, frames: int = PROBE_FRAMES) -> tup
     prompts = [Prompt(p.kind, p.value, 0, p.name) for p in request.prompts]
     short = MaskRequest(request.video, _first(request.info, frames), prompts, request.model, threshold=-1.0)
     mx.reset_peak_memory()
-    stream = track(model, processor, short, window=1)  # one frame at a time, so each is timed
+    stream = track(model, processor, short)
     next(stream)
     start = time.perf_counter()
     n = sum(1 for _ in stream)
@@ -323,7 +329,7 @@ def probe(folder: Path, request: MaskRequest, frames: int = PROBE_FRAMES) -> tup
 
 
 def _first(info: VideoInfo, frames: int) -> VideoInfo:
-    return VideoInfo(info.path, info.fps, min(frames, info.frames), info.width, info.height)
+    return replace(info, frames=min(frames, info.frames))
 
 
 def released_config():
@@ -331,11 +337,12 @@ def released_config():
     return model_config({})
 
 
-def _figure_line(label: str, f, dtype_bytes: int, objects: int, window: int) -> str:
+def _figure_line(label: str, f, dtype_bytes: int, objects: int) -> str:
     dtype = {2: "16-bit", 4: "float32", 1: "8-bit"}.get(dtype_bytes, f"{dtype_bytes}-byte")
     return (f"{label}: {f.params / 1e6:.2f} M parameters x {dtype} = {format_bytes(f.weight_bytes)} of weights; "
             f"per frame at its {f.resolution}x{f.resolution} input: activations {format_bytes(f.activation_bytes)}, "
-            f"held {format_bytes(f.held_bytes)} ({window} frames' features, {objects} object memory banks), "
+            f"held {format_bytes(f.held_bytes)} (a frame's features, {objects} object memory bank"
+            f"{'s' * (objects > 1)}), "
             f"peak ~{format_bytes(f.peak_bytes)}, {f.flops / 1e12:.3g} TFLOP")
 
 
@@ -344,21 +351,21 @@ def dry_run_lines(request: MaskRequest, folder: Path | None, cfg: dict, rates=No
     first frames when the model is on disk), and the released SAM3's."""
     info, objects = request.info, len(request.prompts)
     lines = [f"mask: {objects} object{'s' * (objects > 1)} over {info.frames} frames of {info.width}x{info.height}, "
-             f"read {WINDOW} frames at a time"]
+             f"decoded {WINDOW} frames at a time, predicted one by one"]
     dtype_bytes, fused = weight_dtype_bytes(folder) if folder else 2, fused_attention()
-    mine = sam3_figures(model_config(cfg), dtype_bytes, objects, WINDOW, fused=fused)
-    lines.append(_figure_line(f"model {request.model} (predicted)", mine, dtype_bytes, objects, WINDOW))
+    mine = sam3_figures(model_config(cfg), dtype_bytes, objects, fused=fused)
+    lines.append(_figure_line(f"model {request.model} (predicted)", mine, dtype_bytes, objects))
     if folder is not None:
         seconds, peak = probe(folder, request)
-        small = sam3_figures(model_config(cfg), dtype_bytes, objects, WINDOW, mine.params, fused, PROBE_MEMORIES)
+        small = sam3_figures(model_config(cfg), dtype_bytes, objects, 1, mine.params, fused, PROBE_MEMORIES)
         full = seconds * mine.flops / small.flops  # a full bank costs more: scaled by the FLOPs
         lines.append(f"model {request.model} (measured here on frames 1-{PROBE_FRAMES - 1}, banks of 1-2 memories): "
                      f"{seconds:.2f} s per frame, MLX peak {format_bytes(peak)}; with full banks ~{full:.2f} s per "
                      f"frame, the whole clip ~{format_seconds(full * info.frames)}")
     else:
         lines.append(f"model {request.model}: not on disk yet (the run downloads it); not measured")
-    released = sam3_figures(released_config(), 2, objects, WINDOW, params=RELEASED_PARAMS, fused=fused)
-    lines.append(_figure_line("released SAM3 (facebook/sam3, bfloat16)", released, 2, objects, WINDOW))
+    released = sam3_figures(released_config(), 2, objects, params=RELEASED_PARAMS, fused=fused)
+    lines.append(_figure_line("released SAM3 (facebook/sam3, bfloat16)", released, 2, objects))
     if rates is not None:
         # frames enter as float32, so bfloat16 weights still multiply at the float32 rate
         per_frame = released.flops / (rates.flops("float32") * SAM3_EFFICIENCY)
