@@ -49,7 +49,8 @@ def gather_prompts(texts, points, boxes, names) -> list[Prompt]:
 @click.command("mask")
 @click.argument("video", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Clip folder to write.")
-@click.option("--text", "texts", multiple=True, help='A few words naming one object, e.g. "a dog" (repeatable).')
+@click.option("--text", "texts", multiple=True, help='A few words naming one object, e.g. "a dog": its best match on the frame (repeatable; for '
+                   'two alike objects click each with --point).')
 @click.option("--point", "points", multiple=True, metavar="X,Y[@FRAME]",
               help="A click on one object, in source pixels, on frame FRAME (default 0) (repeatable).")
 @click.option("--box", "boxes", multiple=True, metavar="X0,Y0,X1,Y1[@FRAME]",
@@ -85,7 +86,7 @@ def mask(video, out, texts, points, boxes, names, model, caption, dilate, erode,
 
     \b
     Examples:
-      mlx-omnimatte mask beach.mp4 --text "a boy" --text "a boy" --name left --name right -o clips/beach
+      mlx-omnimatte mask beach.mp4 --point 200,220 --point 430,210 --name left --name right -o clips/beach
       mlx-omnimatte mask dog.mp4 --point 320,200 --box 40,60,200,300@12 --model models/sam3 -o clips/dog
       mlx-omnimatte mask dog.mp4 --text "a dog" --dilate 5 -o clips/dog --dry-run
       mlx-omnimatte decompose clips/dog --bundle models/casper-1.3b -o out/dog

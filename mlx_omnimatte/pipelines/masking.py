@@ -69,6 +69,10 @@ class Prompt:
 
 @dataclass
 class MaskRequest:
+    """A `mask` run: the video (``info.frames`` may be fewer than the
+    file's), one prompt per object, the model (folder or hub id) and the
+    hygiene, caption and text-detection threshold."""
+
     video: Path
     info: VideoInfo
     prompts: list[Prompt]
@@ -104,9 +108,7 @@ def object_names(prompts: Sequence[Prompt]) -> list[str]:
     for i, p in enumerate(prompts):
         if p.name is not None and not NAME.fullmatch(p.name):
             raise OmnimatteError(f"--name {p.name!r}: use letters, digits, '_' and '-'")
-        out.append(f"mask_{i:02d}" + (f"_{p.name}" if p.name else ""))
-    if len(set(out)) != len(out):
-        raise OmnimatteError(f"object names are not unique ({', '.join(out)})")
+        out.append(f"mask_{i:02d}" + (f"_{p.name}" if p.name else ""))  # the index keeps them unique
     return out
 
 
