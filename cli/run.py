@@ -9,7 +9,7 @@ import click
 
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.compose import FIT_MODES
-from mlx_omnimatte.io.writers import check_output, check_space
+from mlx_omnimatte.io.writers import check_not_input, check_output, check_space
 from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan,
                                           decompose_request, execute, prepare, remove_request)
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
@@ -63,12 +63,8 @@ def common_options(f):
 def _refuse_overwriting_inputs(out: Path, request: Request) -> None:
     """No output may be, or contain, anything the run reads."""
     spec = request.clip
-    inputs = [spec.source, spec.video, *spec.masks, request.plate, request.bundle, *request.expert_dirs.values()]
-    target = out.resolve()
-    for p in filter(None, inputs):
-        p = Path(p).resolve()
-        if target == p or target in p.parents:
-            raise OmnimatteError(f"{out}: the output would replace the input {p}")
+    check_not_input(out, [spec.source, spec.video, *spec.masks, request.plate, request.bundle,
+                          *request.expert_dirs.values()])
 
 
 # options that only some methods read: method -> {parameter: why it is refused}

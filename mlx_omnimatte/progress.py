@@ -31,7 +31,7 @@ Report = Optional[Callable[..., None]]
 
 # units shown on the bars, by a stage name's first word
 UNITS = {"denoise": "step", "vae": "frame", "load": "model", "write": "frame", "read": "frame",
-         "optimize": "it", "solve": "frame", "train": "step", "prepare": "clip", "analyze": "clip"}
+         "optimize": "it", "solve": "frame", "segment": "frame", "train": "step", "prepare": "clip", "analyze": "clip"}
 PLAIN_INTERVAL = 10.0  # seconds between plain progress lines
 
 

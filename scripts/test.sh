@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: the parity references must not pull a CUDA build
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[parity]"
+python -m pip install -q -e ".[parity,masks]"
 
 # On Linux the mlx CPU wheel's bundled BLAS is slow; Debian's OpenBLAS is
 # ~15x faster for the parity tests. Optional: the product never needs it.

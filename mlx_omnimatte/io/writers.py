@@ -103,6 +103,15 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def check_not_input(out: str | Path, inputs) -> None:
+    """No output may be, or contain, anything the run reads."""
+    target = Path(out).resolve()
+    for p in filter(None, inputs):
+        p = Path(p).resolve()
+        if target == p or target in p.parents:
+            raise OmnimatteError(f"{out}: the output would replace the input {p}")
+
+
 def check_space(path: str | Path, needed: int) -> None:
     """Refuse before any work when the outputs would not fit on the disk."""
     above = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
