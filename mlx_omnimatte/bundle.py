@@ -2,6 +2,7 @@
 
     bundle/
       manifest.json        {"components": {name: subdir}, "experts": {kind: subdir},
+                            "remover": {kind, conventions} (removers.py; absent: casper),
                             "source": {folder, transformer, transformer_loras: [{file, scale,
                             format, alpha_source, modules}], quantization: {component: {bits, group_size}}}}
       transformer/ vae/ t5/ clip/      converted model directories
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OmnimatteError
+from .removers import Remover, remover_from_manifest
 from .weights import read_config
 
 MANIFEST = "manifest.json"
@@ -43,6 +45,11 @@ class Bundle:
                 f"`mlx-omnimatte convert BUNDLE --expert {kind}=FILE`)")
         return self.experts[kind]
 
+    @property
+    def remover(self) -> Remover:
+        """The removal model and its conventions (checked against the transformer's config)."""
+        return remover_from_manifest(self.manifest, read_config(self.path("transformer")), self.root / MANIFEST)
+
     def weight_bytes(self, component: str) -> int:
         return sum(f.stat().st_size for f in self.path(component).glob("*.safetensors"))
 
@@ -59,7 +66,8 @@ def open_bundle(path, need=COMPONENTS, experts=()) -> Bundle:
     except ValueError:
         raise OmnimatteError(f"{man}: not valid JSON") from None
     bundle = Bundle(root, manifest)
-    for component in need:
+    remover = bundle.remover  # a bundle mixing conventions is refused here
+    for component in [c for c in need if c in remover.components or c not in COMPONENTS]:
         sub = bundle.path(component)
         config = read_config(sub)
         if config["component"] != component:
@@ -111,7 +119,10 @@ def check_expert_fits(expert_dir: Path, transformer: dict) -> None:
                              f"the bundle's transformer has {transformer.get('num_layers')} blocks")
 
 
-def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict) -> None:
+def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict,
+                   remover: Remover | None = None) -> None:
     manifest = {"format": "mlx-omnimatte-bundle", "version": 1, "components": components,
                 "experts": experts, "source": source}
+    if remover is not None:
+        manifest["remover"] = remover.record()
     (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2))
