@@ -64,7 +64,8 @@ def source_remover(src: str, given: str | None) -> Remover:
     id; the user's --remover for a Fun-InP folder (casper by default, ROSE's
     keys being Casper's)."""
     path = Path(src).expanduser()
-    minimax = is_minimax_folder(path) if path.exists() else KNOWN_REMOVERS.get(src.lower()) == "minimax"
+    known = KNOWN_REMOVERS.get(src.lower()) == "minimax" or given == "minimax"  # a hub id: known or said
+    minimax = is_minimax_folder(path) if path.exists() else known
     if given is not None and given not in REMOVERS:
         raise OmnimatteError(f"--remover {given}: unknown (one of {', '.join(REMOVERS)})")
     if minimax:

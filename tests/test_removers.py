@@ -7,6 +7,7 @@ written)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -150,8 +151,8 @@ def test_remove_and_two_stage_on_boys_beach(bundles, which, capsys):
     bundle = rose if which == "rose" else minimax
     steps = ["--steps", "2"] if which == "rose" else []  # MiniMax-Remover: its own 12
     out = root / f"{which}-remove"
-    code, _, err = run_cli(["remove", EXAMPLES / "boys-beach", "--bundle", bundle, "-o", out, *SMALL, *steps],
-                           capsys)
+    code, _, err = run_cli(["remove", EXAMPLES / "boys-beach", "--bundle", bundle, "-o", out, *SMALL, *steps,
+                            "--cache-dir", root / f"prompts-{which}"], capsys)  # a fresh prompt cache
     assert code == 0, err
     _outputs_read_back(out, ["background_all.mp4", "background_without_00.mp4", "background_without_01.mp4"])
     if which == "minimax":
@@ -178,6 +179,9 @@ def test_dry_runs_show_each_removers_schedule(bundles, capsys):
         assert f"denoising: {steps} steps" in out
         assert "image encoder" not in out
         assert ("text encoder" in out) == bool(encoders)
+        # MiniMax-Remover encodes two videos per removal pass (3 passes: all, and each object alone)
+        encodes = re.search(r"^vae encode\s+(\d+ x )?\d+ frames", out, re.M).group(1)
+        assert encodes == (None if bundle == rose else "6 x ")
     code, out, _ = run_cli(["remove", EXAMPLES / "boys-beach", "--bundle", minimax, "-o", root / "dry",
                             "--size", "128x64", "--dry-run", "--steps", "6"], capsys)
     assert "denoising: 6 steps" in out and not (root / "dry").exists()
@@ -269,3 +273,32 @@ def test_experts_refused_on_minimax(bundles, tmp_path, capsys):
     assert_refused(["decompose", EXAMPLES / "boys-beach", "--bundle", minimax, "-o", out, "--method", "experts",
                     "--expert", f"effect={dirs['effect']}", "--expert", f"quality={dirs['quality']}", "--dry-run"],
                    capsys, "no cross-attention", out)
+
+
+@pytest.mark.slow
+@needs_examples
+def test_rose_default_run_records_50_steps_and_a_zero_clip_context(bundles, capsys):
+    root, rose, _ = bundles
+    out = root / "rose-default"
+    code, _, err = run_cli(["remove", EXAMPLES / "boys-beach", "--bundle", rose, "-o", out, "--size", "64x32",
+                            "--frames", "9", "--objects", "all"], capsys)
+    assert code == 0, err
+    assert "denoise all: 50/50 step" in err and "CLIP context zeros" in err
+    assert "image encoder:" not in err
+    video, _ = read_video(out / "background_all.mp4")
+    assert video.shape == (9, 384, 640, 3) and video.std() > 1
+
+
+def test_repacked_minimax_file_converts_as_a_component(tmp_path, capsys):
+    from helpers import run_ok
+    import mlx_omnimatte as mo
+
+    f = tmp_path / "minimax_remover.safetensors"
+    save_file(minimax_state(), str(f))  # one file, no config.json: the architecture from its shapes
+    run_ok(["convert", f, "-o", tmp_path / "dit", "--dtype", "float32"], capsys)
+    cfg = json.loads((tmp_path / "dit" / "config.json").read_text())
+    assert (cfg["in_dim"], cfg["cross_attn"], cfg["image_dim"], cfg["num_layers"]) == (48, False, None, 2)
+    dit = mo.load_model(tmp_path / "dit")
+    np.testing.assert_array_equal(np.array(dit.head.head.weight), minimax_state()["proj_out.weight"])
+    v = dit(mx.zeros((1, 1, 4, 4, 48)), mx.array([500.0]))
+    assert v.shape == (1, 1, 4, 4, 16) and bool(mx.all(mx.isfinite(v)))
