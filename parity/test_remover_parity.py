@@ -194,3 +194,53 @@ def test_minimax_conditioning_tensors():
           f"mask video {np.abs(mask_video - ref_mask).max():.2e} (max abs)")
     np.testing.assert_allclose(hole, ref_hole, atol=1e-6)
     np.testing.assert_array_equal(mask_video, ref_mask)
+
+
+def test_minimax_bundle_conditioning_and_step(tmp_path):
+    """MiniMax-Remover's folder (its transformer from the reference above, a
+    diffusers AutoencoderKLWan, its scheduler config) converted as a bundle;
+    for one clip and mask, the two condition latents (normalised with the
+    VAE's latents_mean/std) and the DiT's velocity on [noise, both latents],
+    ours through the bundle against the published pipeline's formulas in torch."""
+    import vae_reference as vref
+    from tiny_removers import UNIPC_CONFIG
+
+    cfg = MINIMAX_TINY
+    torch.manual_seed(0)
+    model = MiniMaxTransformer(cfg["dim"], cfg["heads"], cfg["ffn"], cfg["layers"]).float().eval()
+    randomize_(model, seed=5)
+    folder = tmp_path / "minimax-remover"
+    write_transformer_folder(model, folder / "transformer", cfg)
+    vae = vref.make_vae(0, base_dim=8)
+    vref.save_diffusers(vae, folder / "vae")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(UNIPC_CONFIG))
+    out = tmp_path / "bundle"
+    cli_ok(["convert", folder, "-o", out, "--dtype", "float32"])
+    assert json.loads((out / "manifest.json").read_text())["remover"]["kind"] == "minimax"
+
+    rng = np.random.default_rng(8)
+    t, h, w = 9, 48, 64
+    frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    mask = np.zeros((t, h, w), np.uint8)
+    for i in range(t):
+        mask[i, 12:30, 16 + 2 * i:40 + 2 * i] = 255
+    ref_hole, ref_mask = reference_condition(frames, mask)
+    ref_y = np.concatenate([vref.encode(vae, ref_hole[None]), vref.encode(vae, ref_mask[None])], axis=-1)
+
+    our_vae = load_model(out / "vae")
+    clip, plan = SimpleNamespace(masks=[mask], frames=frames), SimpleNamespace(size=(w, h), frames=t)
+    y = grey_hole_channels(model_video(clip, plan), removal_mask(model_masks(clip, plan, MINIMAX), None, MINIMAX),
+                           lambda x, what: our_vae.encode(x))
+    cond_err = rel_err(np.array(y), ref_y)
+
+    noise = rng.standard_normal((1, *ref_y.shape[1:4], 16)).astype(np.float32)
+    x = np.concatenate([noise, ref_y], axis=-1)
+    tt = np.array([999.0], np.float32)
+    with torch.no_grad():
+        ref_v = model(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(tt)).permute(0, 2, 3, 4, 1).numpy()
+    dit = load_model(out / "transformer")
+    v = np.array(dit(mx.concatenate([mx.array(noise), y], axis=-1), mx.array(tt)))
+    step_err = rel_err(v, ref_v)
+    print(f"\nMiniMax-Remover bundle: condition latents {cond_err:.2e}, velocity {step_err:.2e} (max|mlx-ref|/max|ref|)")
+    assert cond_err <= BOUND and step_err <= BOUND
