@@ -23,7 +23,7 @@ from mlx_omnimatte.bundle import open_bundle
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.masks import build_trimask
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
-from mlx_omnimatte.pipelines.conditioning import (condition_channels, grey_hole_channels, mask_channels,
+from mlx_omnimatte.pipelines.conditioning import (grey_hole_channels, mask_channels,
                                                   removal_mask)
 from mlx_omnimatte.removers import CASPER, MINIMAX, ROSE
 from safetensors.numpy import save_file

@@ -13,7 +13,6 @@ through the real converter (no torch):
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +109,3 @@ def minimax_bundle(root: Path) -> Path:
     convert_ok(["convert", write_minimax_folder(root), "-o", out])
     return out
 
-
-def renamed(name: str, table) -> str:
-    for pattern, repl in table:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return name
