@@ -158,17 +158,19 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
 @click.option("--objects", type=click.Choice(REMOVE_TARGETS), default="both", show_default=True,
               help="Remove all objects at once, each object alone (others kept), or both.")
 def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet, bg_format, objects, **settings):
-    """Remove objects and their effects (shadows, reflections): the Casper
-    background layer.
+    """Remove objects and their effects (shadows, reflections): the clean
+    background from the bundle's removal model (Casper, ROSE or
+    MiniMax-Remover; its steps and sampler unless given).
 
     \b
     Examples:
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
       mlx-omnimatte remove video.mp4 --mask dog=dog.mp4 --caption "a lawn" --bundle models/casper-1.3b -o out/lawn
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/x --dry-run
+      mlx-omnimatte remove clips/boys-beach --bundle models/minimax-remover -o out/fast   # 12 steps
     """
     if bundle is None:
-        raise OmnimatteError("remove: give --bundle (a converted model bundle with the Casper transformer)")
+        raise OmnimatteError("remove: give --bundle (a converted model bundle with a removal model)")
     request = _request(Mode.REMOVE, input, masks, caption, bundle, frames, objects, **settings)
     request.outputs = Outputs(background=bg_format)
 
