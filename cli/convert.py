@@ -18,6 +18,7 @@ from mlx_omnimatte.convert.bundle import (
     is_model_folder,
     parse_quantize,
     resolve_source,
+    source_remover,
 )
 from mlx_omnimatte.convert.core import convert as run_convert, detect
 from mlx_omnimatte.convert.merge import convert_transformer, parse_lora_arg
@@ -48,18 +49,19 @@ def _bundle(src: str, out: Path, options: dict, overwrite: bool) -> None:
     loras = [parse_lora_arg(v) for v in options["transformer_loras"]]
     experts = _expert_pairs(options["experts"])
     quantize = bundle_quantize(parse_quantize(options["quantize"]))
+    remover = source_remover(src, options["remover"])
     # the user's own files first: a hub id may mean tens of GB to download
-    check_bundle_inputs(src, options["transformer"], loras, experts)
-    plan = BundlePlan(resolve_source(src), options["transformer"], loras, experts, options["dtype"],
-                      quantize, options["group_size"])
+    check_bundle_inputs(src, options["transformer"], loras, experts, remover)
+    plan = BundlePlan(resolve_source(src, remover), options["transformer"], loras, experts, options["dtype"],
+                      quantize, options["group_size"], remover)
     build_bundle(plan, out, overwrite, log=click.echo)
     click.echo(f"bundle -> {out}")
 
 
 def _single(src: str, out: Path, options: dict, overwrite: bool) -> None:
     path = Path(src).expanduser()
-    if options["transformer"] or options["experts"] or options["transformer_loras"]:
-        raise OmnimatteError(f"{src}: --transformer/--transformer-lora/--expert need a Wan model folder "
+    if options["transformer"] or options["experts"] or options["transformer_loras"] or options["remover"]:
+        raise OmnimatteError(f"{src}: --transformer/--transformer-lora/--expert/--remover need a Wan model folder "
                              "or hub id as SRC")
     ckpt = read_checkpoint(path)
     spec, fmt = detect(ckpt, options["component"], options["fmt"])
@@ -101,6 +103,9 @@ def _single(src: str, out: Path, options: dict, overwrite: bool) -> None:
               help="Weight dtype (default: bfloat16; float32 for the VAE, float16 for CLIP in a bundle).")
 @click.option("--transformer", type=click.Path(path_type=Path), default=None,
               help="Bundle: a DiT checkpoint (e.g. Casper 1.3B) replacing the folder's own.")
+@click.option("--remover", type=click.Choice(["casper", "rose", "minimax"]), default=None,
+              help="Bundle: the removal model --transformer holds (casper by default: ROSE's keys are Casper's, "
+                   "only you know which it is); MiniMax-Remover is recognised from its own folder.")
 @click.option("--transformer-lora", "transformer_loras", multiple=True, metavar="FILE[:SCALE]",
               help="Bundle: a LoRA merged into the DiT (e.g. Casper 14B), scale 1 by default (repeatable).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
@@ -127,7 +132,8 @@ def convert(src, out, overwrite, **options):
     code from them) into MLX.
 
     SRC is a checkpoint file, a folder holding one, or a Wan / Wan-Fun model
-    folder or hub id (then OUT is a bundle with every component).
+    folder or hub id, or MiniMax-Remover's folder or hub id (then OUT is a
+    bundle with every component its removal model uses).
 
     \b
     Examples:
@@ -135,6 +141,9 @@ def convert(src, out, overwrite, **options):
           --expert effect=effect.safetensors --expert quality=quality.safetensors -o models/omnimatte-1.3b
       mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-14B-InP --transformer-lora casper_14b_lora.safetensors \\
           --quantize 8 -o models/casper-14b
+      mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer rose.safetensors --remover rose \\
+          -o models/rose-1.3b
+      mlx-omnimatte convert zibojia/minimax-remover -o models/minimax-remover
       mlx-omnimatte convert Wan2.1_VAE.pth -o models/vae
       mlx-omnimatte convert diffusion_pytorch_model.safetensors -o models/transformer --dtype float32
       mlx-omnimatte convert dit.safetensors --lora style.safetensors:0.8 --quantize 4 -o models/dit-4bit

@@ -29,11 +29,16 @@ _COMMON = [
     click.option("--caption", default=None, help="Caption of the clean background (default: prompt.json)."),
     click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Converted model bundle."),
     click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder."),
-    click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps."),
+    click.option("--steps", type=int, default=None,
+                 help="Denoising steps (default: the bundle's removal model's: 50 for Casper and ROSE, 12 for "
+                      "MiniMax-Remover)."),
     click.option("--seed", type=int, default=43, show_default=True,
                  help="Seed of the starting noise, an integer in [0, 2^64): the same seed gives the same result."),
-    click.option("--shift", type=float, default=5.0, show_default=True, help="Flow-matching sigma shift."),
-    click.option("--sampler", type=click.Choice(["euler", "unipc"]), default="euler", show_default=True),
+    click.option("--shift", type=float, default=None,
+                 help="Flow-matching sigma shift (default: the bundle's removal model's, 5 for Casper and ROSE)."),
+    click.option("--sampler", type=click.Choice(["euler", "unipc"]), default=None,
+                 help="Sampler (default: the bundle's removal model's: euler for Casper and ROSE, unipc for "
+                      "MiniMax-Remover)."),
     click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area)."),
     click.option("--frames", type=int, default=None, help="Use only the first N frames."),
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
@@ -143,17 +148,19 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
 @click.option("--objects", type=click.Choice(REMOVE_TARGETS), default="both", show_default=True,
               help="Remove all objects at once, each object alone (others kept), or both.")
 def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet, bg_format, objects, **settings):
-    """Remove objects and their effects (shadows, reflections): the Casper
-    background layer.
+    """Remove objects and their effects (shadows, reflections): the clean
+    background from the bundle's removal model (Casper, ROSE or
+    MiniMax-Remover; its steps and sampler unless given).
 
     \b
     Examples:
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
       mlx-omnimatte remove video.mp4 --mask dog=dog.mp4 --caption "a lawn" --bundle models/casper-1.3b -o out/lawn
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/x --dry-run
+      mlx-omnimatte remove clips/boys-beach --bundle models/minimax-remover -o out/fast   # 12 steps
     """
     if bundle is None:
-        raise OmnimatteError("remove: give --bundle (a converted model bundle with the Casper transformer)")
+        raise OmnimatteError("remove: give --bundle (a converted model bundle with a removal model)")
     request = remove_request(input, masks, bundle=bundle, caption=caption, frames=frames, objects=objects,
                              outputs=Outputs(background=bg_format), **settings)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.removers import Remover, check_transformer
 
 from .core import detect
 from .hub import download_file
@@ -73,10 +74,12 @@ def check_fits(flag: str, path: Path, arch: dict, base: dict, where: str) -> Non
 
 
 def check_bundle_inputs(src: str, transformer: Path | None, loras: list[tuple[Path, float]],
-                        experts: dict[str, Path]) -> None:
+                        experts: dict[str, Path], remover: Remover | None = None) -> None:
     """Every check the user's files allow, before any model file is downloaded
     (at most the base's config.json, when its architecture is not known)."""
     dit = _flagged("--transformer", _transformer_arch, transformer) if transformer is not None else None
+    if dit is not None and remover is not None:  # e.g. MiniMax-Remover's file given for the Fun-InP base
+        _flagged("--transformer", check_transformer, remover, dit, transformer, f"--remover {remover.kind} means")
     for path, _ in loras:
         _flagged("--transformer-lora", open_lora, path)
     expert_archs = {kind: _flagged(f"--expert {kind}", _expert_arch, path) for kind, path in experts.items()}

@@ -1,4 +1,6 @@
-"""Converter for the Wan2.1 DiT (T2V, I2V, Fun-InP, Casper).
+"""Converter for the Wan2.1 DiT (T2V, I2V, Fun-InP, Casper, ROSE, and
+MiniMax-Remover's transformer: diffusers names, no text embedder and no
+cross-attention, 48 input channels).
 
 Source formats, one key table each (wrapper prefixes such as `model.` or
 `model.diffusion_model.` are stripped by the core before matching):
@@ -137,6 +139,7 @@ def infer_config(shapes: dict[str, tuple], source) -> dict:
         return shapes[name]
 
     pe = need("patch_embedding.weight")
+    cross = "text_embedding.0.weight" in shapes or any(".cross_attn." in n for n in shapes)
     if len(pe) != 5:
         raise OmnimatteError(f"{source}: patch_embedding.weight has shape {pe}, expected a Conv3d weight")
     dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
@@ -156,11 +159,12 @@ def infer_config(shapes: dict[str, tuple], source) -> dict:
         "num_layers": layers[-1] + 1,
         "in_dim": in_dim,
         "out_dim": need("head.head.weight")[0] // math.prod(patch),
-        "text_dim": need("text_embedding.0.weight")[1],
+        "text_dim": need("text_embedding.0.weight")[1] if cross else Config.text_dim,
+        "cross_attn": cross,
         "freq_dim": need("time_embedding.0.weight")[1],
         "patch_size": list(patch),
         "image_dim": shapes["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in shapes else None,
-        "cross_attn_norm": any(n.endswith(".norm3.weight") for n in shapes),
+        "cross_attn_norm": any(n.endswith(".norm3.weight") for n in shapes) if cross else False,
     }
 
 
@@ -199,7 +203,7 @@ def read_json_config(src: Path) -> tuple[dict, Path] | None:
     if not path.is_file():
         return None
     c = read_json(path)
-    if c.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in c:
+    if c.get("_class_name") in ("WanTransformer3DModel", "Transformer3DModel") or "num_attention_heads" in c:
         return _from_diffusers_json(c, path), path
     if c.get("_class_name") == "WanModel" or {"dim", "num_heads"} <= c.keys():
         return _from_original_json(c, path), path
@@ -211,6 +215,8 @@ def _norm(v):
 
 
 _CHECKED = ("dim", "in_dim", "out_dim", "ffn_dim", "text_dim", "freq_dim", "patch_size", "image_dim")
+# fields the weights decide alone (MiniMax-Remover's config.json keeps cross_attn_norm True with no cross-attention)
+_FROM_WEIGHTS = ("cross_attn", "cross_attn_norm")
 
 
 def config_for(ckpt: Checkpoint, fmt: str, src: Path) -> dict:
@@ -221,7 +227,7 @@ def config_for(ckpt: Checkpoint, fmt: str, src: Path) -> dict:
         for k in _CHECKED:  # num_layers is left to the core: it names the missing block
             if k in given and _norm(given[k]) != _norm(cfg[k]):
                 raise OmnimatteError(f"{path}: {k} = {given[k]} but the weights in {ckpt.source} have {cfg[k]}")
-        cfg.update(given)
+        cfg.update({k: v for k, v in given.items() if not (k in _FROM_WEIGHTS and not cfg["cross_attn"])})
     try:
         return Config.from_dict(cfg).to_dict()
     except (TypeError, ValueError) as e:

@@ -2,6 +2,7 @@
 
     bundle/
       manifest.json        {"components": {name: subdir}, "experts": {kind: subdir},
+                            "remover": {kind, conventions} (removers.py; absent: casper),
                             "source": {folder, transformer, transformer_loras: [{file, scale,
                             format, alpha_source, modules}], quantization: {component: {bits, group_size}}}}
       transformer/ vae/ t5/ clip/      converted model directories
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .errors import OmnimatteError
 from .jsonfile import read_json
+from .removers import Remover, remover_from_manifest
 from .weights import BUNDLE_COMPONENTS, read_config
 
 MANIFEST = "manifest.json"
@@ -55,13 +57,19 @@ class Bundle:
                 f"`mlx-omnimatte convert BUNDLE --expert {kind}=FILE`)")
         return self.experts[kind]
 
+    @property
+    def remover(self) -> Remover:
+        """The removal model and its conventions (checked against the transformer's config)."""
+        return remover_from_manifest(self.manifest, self.config("transformer"), self.root / MANIFEST)
+
     def weight_bytes(self, component: str) -> int:
         return sum(f.stat().st_size for f in self.path(component).glob("*.safetensors"))
 
     def check(self, need=BUNDLE_COMPONENTS, experts=()) -> "Bundle":
         """The components and experts a run needs are present and readable,
         before any weight is loaded."""
-        for component in need:
+        used = self.remover.components  # the encoders a remover has none of are not needed
+        for component in [c for c in need if c in used or c not in BUNDLE_COMPONENTS]:
             if component not in self._checked:
                 check_component(self.path(component), self.config(component), component)
                 self._checked.add(component)
@@ -77,7 +85,9 @@ def open_bundle(path, need=BUNDLE_COMPONENTS, experts=()) -> Bundle:
     man = root / MANIFEST
     if not man.exists():
         raise OmnimatteError(f"{root}: not a model bundle (no {MANIFEST}); build one with `mlx-omnimatte convert`")
-    return Bundle(root, read_json(man)).check(need, experts)
+    bundle = Bundle(root, read_json(man))
+    bundle.remover  # a bundle mixing conventions is refused here
+    return bundle.check(need, experts)
 
 
 def check_component(sub: Path, config: dict, component: str) -> None:
@@ -127,7 +137,10 @@ def check_expert_fits(expert_dir: Path, transformer: dict) -> None:
                              f"the bundle's transformer has {transformer.get('num_layers')} blocks")
 
 
-def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict) -> None:
+def write_manifest(root: Path, components: dict[str, str], experts: dict[str, str], source: dict,
+                   remover: Remover | None = None) -> None:
     manifest = {"format": "mlx-omnimatte-bundle", "version": 1, "components": components,
                 "experts": experts, "source": source}
+    if remover is not None:
+        manifest["remover"] = remover.record()
     (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -23,6 +23,7 @@ LAYERS = {
     "mlx_omnimatte.layer_solver": 2,
     "mlx_omnimatte.models": 3,
     "mlx_omnimatte.weights": 4, "mlx_omnimatte.sampling": 4, "mlx_omnimatte.io": 4, "mlx_omnimatte.step_cache": 4,
+    "mlx_omnimatte.removers": 4,
     "mlx_omnimatte.bundle": 5, "mlx_omnimatte.branch": 5, "mlx_omnimatte.encoders": 5,
     "mlx_omnimatte.synth": 5, "mlx_omnimatte.analysis": 5,
     "mlx_omnimatte.evaluation": 5,

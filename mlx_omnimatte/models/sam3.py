@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OmnimatteError
+from ..jsonfile import read_json
 
 MODEL_TYPE = "sam3_video"
 INSTALL = 'masks need mlx-vlm: pip install "mlx-omnimatte[masks]" (or pip install "mlx-vlm>=0.7")'
@@ -50,11 +51,8 @@ def read_sam3_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise OmnimatteError(f"{folder}: not a SAM3 model folder (no config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError:
-        raise OmnimatteError(f"{path}: not valid JSON") from None
-    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    cfg = read_json(path)
+    kind = cfg.get("model_type")
     if kind != MODEL_TYPE:
         raise OmnimatteError(f"{folder}: not a SAM3 video model (config.json model_type is {kind!r}, "
                              f"expected {MODEL_TYPE!r})")

@@ -33,7 +33,8 @@ from .optimize import AGAINST, PLATE, OptimizeSettings, check_optimize, fit_plat
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs
 from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
-from .settings import Mode, Settings, experts_needed, settings_from
+from .conditioning import remover_prompt
+from .settings import Mode, Settings, apply_remover, experts_needed, settings_from
 from .two_stage import SOLVERS, run_two_stage, run_with_plate, solo_targets
 
 REMOVE_TARGETS = ("all", "each", "both")
@@ -205,9 +206,15 @@ def prepare(request: Request) -> Prepared:
         costs = run_costs(req, grid, machine_rates(probes_for(req)))
         return Prepared(request, None, plan, machine_memory(), costs)
     opened = request.opened or open_bundle(request.bundle, ())
-    b = with_experts(opened.check(BUNDLE_COMPONENTS), request.expert_dirs).check((), request.experts)
+    b = with_experts(opened.check(BUNDLE_COMPONENTS), request.expert_dirs)
+    apply_remover(s, b.remover)  # its sampler and steps where the caller set none
+    if request.experts and b.remover.prompt == "none":
+        raise OmnimatteError(f"{request.bundle}: {b.remover.name} has no cross-attention, which the experts' "
+                             "LoRA targets; use --method two-stage")
+    b.check((), request.experts)
     grid = plan_grid(info.width, info.height, info.frames, size=s.size, min_frames=s.min_frames)
-    cached = prompt_cached(b.path("t5"), request.clip.caption or "", s.cache_dir)
+    prompt = remover_prompt(b.remover, request.clip.caption)
+    cached = prompt is None or prompt_cached(b.path("t5"), prompt, s.cache_dir)
     plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs,
                     trajectories(request))
     req = cost_request(request)

@@ -29,7 +29,6 @@ from ..io.outputs import write_decomposition
 from ..layer_solver import solve_layers
 from ..models.unet import DOWNSAMPLE
 from ..synth import make_clip, write_clip
-from ..weights import BUNDLE_COMPONENTS
 from .omnimatte import LayerVideos
 from .optimize import OptimizeSettings, optimize_layers
 from .settings import Mode
@@ -198,7 +197,9 @@ class StageCost:
 def dit_forward_flops(cfg: dict, tokens: int) -> float:
     """One DiT forward over ``tokens`` tokens: the blocks' matmuls and attention."""
     d, f, n = cfg["dim"], cfg["ffn_dim"], tokens
-    per_block = 2 * n * (6 * d * d + 2 * d * f) + 4 * n * n * d + 4 * CONTEXT_TOKENS * (n + d) * d
+    cross = cfg.get("cross_attn", True)  # MiniMax-Remover's blocks have none
+    per_block = 2 * n * ((6 if cross else 4) * d * d + 2 * d * f) + 4 * n * n * d
+    per_block += 4 * CONTEXT_TOKENS * (n + d) * d if cross else 0
     return cfg["num_layers"] * per_block
 
 
@@ -234,8 +235,10 @@ def solver_cost(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: Op
 
 def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_bytes: dict, steps: int, windows: int,
                 tokens: int, trajectories: int, dtype: str, rates: Rates, prompt_cached: bool,
-                vae_base: int = 96) -> list[StageCost]:
-    """The model stages of removal, two-stage and experts runs."""
+                vae_base: int = 96, encodes: int = 1) -> list[StageCost]:
+    """The model stages of removal, two-stage and experts runs; `encodes`:
+    videos the VAE encodes (MiniMax-Remover: two per trajectory); the image
+    encoder only when `bundle_bytes` has one."""
     rate = rates.flops(dtype)
     conv = rates.flops("float32") * CONV_EFFICIENCY
     px = grid.width * grid.height * grid.frames
@@ -245,9 +248,11 @@ def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_byte
     if not prompt_cached:
         t5 = bundle_bytes.get("t5", 0) / 2  # bf16 parameters
         out.append(StageCost("text encoder", f"{TEXT_TOKENS} tokens", 2 * t5 * TEXT_TOKENS / rate + ENCODER_START))
-    clip = bundle_bytes.get("clip", 0) / 2  # fp16 parameters
-    out.append(StageCost("image encoder", f"{IMAGE_TOKENS} tokens", 2 * clip * IMAGE_TOKENS / rate + ENCODER_START))
-    out.append(StageCost("vae encode", f"{grid.frames} frames", px * vae_flops_per_pixel(vae_base) / conv))
+    if "clip" in bundle_bytes:
+        clip = bundle_bytes["clip"] / 2  # fp16 parameters
+        out.append(StageCost("image encoder", f"{IMAGE_TOKENS} tokens", 2 * clip * IMAGE_TOKENS / rate + ENCODER_START))
+    out.append(StageCost("vae encode", f"{encodes} x {grid.frames} frames" if encodes > 1 else f"{grid.frames} frames",
+                         encodes * px * vae_flops_per_pixel(vae_base) / conv))
     seconds = forwards * dit_forward_flops(cfg, tokens) / (rate * DIT_EFFICIENCY)
     out.append(StageCost("denoise", f"{forwards} DiT forwards ({trajectories} trajectories x {steps} steps x "
                                     f"{windows} windows, {tokens} tokens)", seconds))
@@ -283,13 +288,15 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     start = StageCost("start-up", "imports (spent)", time.process_time())
     if req.mode is Mode.PLATE:
         return [start, read, *solve, write]
-    sizes = {c: bundle.weight_bytes(c) for c in BUNDLE_COMPONENTS}
+    remover = bundle.remover
+    sizes = {c: bundle.weight_bytes(c) for c in remover.components}
     if prompt_cached:
-        sizes.pop("t5")
+        sizes.pop("t5", None)
     cfg = bundle.config("transformer")
     vae_base = bundle.config("vae").get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
-                        req.trajectories, settings.dtype, rates, prompt_cached, vae_base)
+                        req.trajectories, settings.dtype, rates, prompt_cached, vae_base,
+                        2 * req.trajectories if remover.condition == "grey-hole" else 1)
     return [start, read, *model, *solve, write]
 
 

@@ -210,18 +210,13 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
     outputs = outputs or Outputs()
-    t5_cfg, clip_cfg = bundle.config("t5"), bundle.config("clip")
-    clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
+    encoders = bundle.remover.encoders  # a remover without text or image branch loads no encoder for it
     host = host_bytes(mode, grid, objects, outputs, trajectories)
     run = RunPlan(mode, grid, objects, num_windows(grid.latent_frames, settings), settings.steps, tokens,
                   disk=disk_bytes(mode, grid, objects, outputs, trajectories))
     run.stages = [
         StagePlan("read video", 0, 0, host["read"]),
-        StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"),
-                  0 if prompt_cached else _encoder_activations(t5_cfg, TEXT_TOKENS, "d_model", "num_heads", "d_ff"),
-                  host["model"]),
-        StagePlan("image encoder", bundle.weight_bytes("clip"),
-                  _encoder_activations(clip_cfg, clip_tokens, "width", "heads", "mlp_dim"), host["model"]),
+        *_encoder_stages(bundle, encoders, prompt_cached, host["model"]),
         _vae_stage("encode", grid, vae_cfg, vae_weights, settings, 0, host["model"]),
         StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes,
                   host["model"]),
@@ -229,6 +224,22 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
         StagePlan("write", 0, 0, host["write"]),
     ]
     return run
+
+
+def _encoder_stages(bundle: Bundle, encoders: tuple, prompt_cached: bool, host: int) -> list[StagePlan]:
+    """The text and image encoder stages of the encoders the remover uses."""
+    out = []
+    if "t5" in encoders:
+        t5_cfg = bundle.config("t5")
+        out.append(StagePlan("text encoder", 0 if prompt_cached else bundle.weight_bytes("t5"),
+                             0 if prompt_cached else _encoder_activations(t5_cfg, TEXT_TOKENS, "d_model",
+                                                                          "num_heads", "d_ff"), host))
+    if "clip" in encoders:
+        clip_cfg = bundle.config("clip")
+        clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
+        out.append(StagePlan("image encoder", bundle.weight_bytes("clip"),
+                             _encoder_activations(clip_cfg, clip_tokens, "width", "heads", "mlp_dim"), host))
+    return out
 
 
 def _vae_stage(stage: str, grid: GridPlan, cfg: dict, weights: int, settings: Settings, buffers: int,

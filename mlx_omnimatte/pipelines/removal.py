@@ -1,4 +1,7 @@
-"""Casper removal: the clean background with objects and their effects removed.
+"""Removal by the bundle's removal model (Casper, ROSE or MiniMax-Remover,
+`removers.py`; its conditioning is built in `stages.encode_conditioning`):
+the clean background with the objects (and, for Casper and ROSE, their
+effects) removed.
 
 Targets: "all" (every object removed) and, per object, that object removed
 with the others kept. (The reference's "solo" runs are the converse -- keep

@@ -10,6 +10,7 @@ from enum import Enum
 from ..branch.experts import KINDS, check_tau
 from ..errors import OmnimatteError
 from ..memory import machine_memory
+from ..removers import Remover
 from ..sampling import make_sampler
 from ..step_cache import TEACACHE_THRESHOLD, parse_cache
 from .windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, make_windows
@@ -48,6 +49,7 @@ class Settings:
     vae_budget: int | None = None  # bytes for the VAE; None: half of this machine's memory
     cache: str | None = None  # DiT step cache: none | teacache[:T] | magcache[:T] (step_cache.py)
     fast: bool = False  # the FAST preset for the settings above left at their defaults
+    given: frozenset = frozenset()  # the names the caller set (the rest may come from the bundle's remover)
 
     def __post_init__(self):
         check_settings(self)
@@ -88,11 +90,27 @@ def check_settings(s: Settings) -> None:
 def settings_from(**kwargs) -> Settings:
     """Settings from keyword arguments (None = the default); unknown names are
     a TypeError, as for a function call."""
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)} - {"given"}
     unknown = set(kwargs) - known
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    return Settings(**{k: v for k, v in kwargs.items() if v is not None})
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    return Settings(**given, given=frozenset(given))
+
+
+REMOVER_DEFAULTS = ("sampler", "steps", "shift")
+
+
+def apply_remover(s: Settings, remover: Remover) -> None:
+    """The bundle's remover gives the sampler, steps and shift the caller did
+    not set (over `--fast`'s: a distilled schedule is already short); a
+    remover's values that equal the defaults (Casper's, ROSE's) change
+    nothing, so `--fast` still applies to those."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    for name in REMOVER_DEFAULTS:
+        if name not in s.given and getattr(remover, name) != defaults[name]:
+            setattr(s, name, getattr(remover, name))
+    make_sampler(s.sampler, s.steps, s.shift)
 
 
 def experts_needed(mode: Mode, tau: float | None) -> tuple[str, ...]:

@@ -23,12 +23,13 @@ from ..encoders.image import clip_features
 from ..encoders.text import encode_prompts
 from ..errors import OmnimatteError
 from ..io.inputs import Clip
-from ..io.masks import build_trimask
 from ..progress import Report, stage
 from ..sampling import make_sampler, sample
 from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
+from ..removers import Remover
 from ..weights import load_model
-from .conditioning import Conditioning, condition_channels, model_masks, model_video, plan_for
+from .conditioning import (CLIP_TOKENS, Conditioning, grey_hole_channels, model_masks, model_video, plan_for,
+                           removal_mask, remover_prompt, trajectory_channels)
 from .settings import Settings, vae_budget
 from .windows import blend_velocity, make_windows
 
@@ -67,21 +68,57 @@ def load_stage(bundle: Bundle, component: str, report: Report, dtype: str | None
     return model
 
 
-def encode_conditioning(clip: Clip, bundle: Bundle, vae, settings: Settings, report: Report) -> Conditioning:
+def encode_conditioning(clip: Clip, bundle: Bundle, vae, settings: Settings, report: Report,
+                        trajectories: Sequence[Trajectory] = ()) -> Conditioning:
+    """What the bundle's remover is conditioned on; MiniMax-Remover's latents
+    depend on which objects a trajectory removes, so they are encoded here
+    for each of `trajectories`, before the DiT loads."""
+    remover = bundle.remover
     plan = plan_for(clip, settings.size, settings.min_frames)
     video = model_video(clip, plan)
-    masks = model_masks(clip, plan)
-    # each encoder loads, runs and frees in its own stage; a cached prompt loads nothing
-    context = encode_prompts(bundle.path("t5"), [clip.caption or ""], settings.cache_dir, report=report)[0]
-    context = mx.array(context)[None]
-    free()
-    clip_fea = clip_features(bundle.path("clip"), clip.first_frame, report=report)
-    mx.eval(clip_fea)
-    free()
-    cond = vae.encode(mx.array(video[None]), tiling=settings.vae_tiling, memory_budget=vae_budget(settings),
-                      on_chunk=_chunks(report, "vae encode"))
-    mx.eval(cond)
-    return Conditioning(plan, video, masks, context, clip_fea, cond)
+    masks = model_masks(clip, plan, remover)
+    context, clip_fea = encode_context(clip, bundle, remover, settings, report)
+
+    def encode(x, name="vae encode"):
+        z = vae.encode(x, tiling=settings.vae_tiling, memory_budget=vae_budget(settings),
+                       on_chunk=_chunks(report, name))
+        mx.eval(z)
+        return z
+
+    if remover.condition == "grey-hole":
+        channels = {t.label: grey_hole_channels(video, removal_mask(masks, t.remove, remover),
+                                                lambda x, what: encode(x, f"vae encode {t.label} {what}"))
+                    for t in trajectories}
+        return Conditioning(plan, video, masks, context, clip_fea, None, remover, channels)
+    return Conditioning(plan, video, masks, context, clip_fea, encode(mx.array(video[None])), remover)
+
+
+def encode_context(clip: Clip, bundle: Bundle, remover: Remover, settings: Settings, report: Report):
+    """(text context, CLIP features) as the remover takes them: the caption
+    or "" through the text encoder (each encoder loads, runs and frees in its
+    own stage; a cached prompt loads nothing), CLIP of frame 0 or zeros; None
+    for a branch the DiT does not have."""
+    context = clip_fea = None
+    prompt = remover_prompt(remover, clip.caption)
+    if prompt is not None:
+        context = mx.array(encode_prompts(bundle.path("t5"), [prompt], settings.cache_dir, report=report)[0])[None]
+        free()
+    if remover.clip == "frame0":
+        clip_fea = clip_features(bundle.path("clip"), clip.first_frame, report=report)
+        mx.eval(clip_fea)
+        free()
+    elif remover.clip == "zeros":
+        clip_fea = mx.zeros((1, CLIP_TOKENS, bundle.config("transformer")["image_dim"]))
+    with stage(report, f"conditioning {remover.kind}", 1) as tick:
+        tick(describe_conditioning(remover))
+    return context, clip_fea
+
+
+def describe_conditioning(r: Remover) -> str:
+    """One line of what the DiT is conditioned on (the run's records keep it)."""
+    prompt = {"caption": "the caption", "empty": 'prompt ""', "none": "no text encoder"}[r.prompt]
+    image = {"frame0": "CLIP of frame 0", "zeros": "CLIP context zeros", "none": "no image encoder"}[r.clip]
+    return f"{r.name}: {r.mask} mask, {r.condition} video latent, {prompt}, {image}"
 
 
 def check_finite(v, step: int, steps: int, dtype: str) -> None:
@@ -155,10 +192,10 @@ def _chunks(report: Report, name: str):
     return lambda done, total: report(name, done, total, "")
 
 
-def noise(key, cond_latent: mx.array, count: int) -> list[mx.array]:
-    """`count` independent standard-normal latents shaped like the condition."""
+def noise(key, shape: tuple, count: int) -> list[mx.array]:
+    """`count` independent standard-normal latents of `shape`."""
     keys = mx.random.split(key, count)
-    return [mx.random.normal(cond_latent.shape, key=k) for k in keys]
+    return [mx.random.normal(shape, key=k) for k in keys]
 
 
 def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, report: Report,
@@ -168,7 +205,7 @@ def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, rep
     ctx = dit.embed_context(cond.context, cond.clip_fea)
     mx.eval(ctx)
     total = sum(t.latents for t in spec.trajectories)
-    starts = noise(mx.random.key(settings.seed), cond.cond_latent, total)
+    starts = noise(mx.random.key(settings.seed), cond.latent_shape, total)
     sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
     out, n = {}, 0
     for traj in spec.trajectories:
@@ -182,7 +219,7 @@ def _sample_all(dit, cond: Conditioning, spec: ModeSpec, settings: Settings, rep
 def _trajectory(dit, cond: Conditioning, ctx, traj: Trajectory, z: list, spec: ModeSpec, settings: Settings,
                 sampler, report: Report, cache=None) -> list:
     """One trajectory's latents at sigma 0, `cache` (or None) attached to the DiT."""
-    y = condition_channels(build_trimask(cond.masks, traj.remove), cond.cond_latent)
+    y = trajectory_channels(cond, traj.label, traj.remove)
     return sample_trajectory(dit, spec, y, ctx, z, settings, sampler, report, traj.label, cache)
 
 
@@ -213,7 +250,7 @@ def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, r
     trajectory decoded under the names of `decode_as`."""
     calibration = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
     vae = load_stage(bundle, "vae", report)
-    cond = encode_conditioning(clip, bundle, vae, settings, report)
+    cond = encode_conditioning(clip, bundle, vae, settings, report, spec.trajectories)
     dit = load_stage(bundle, "transformer", report, settings.dtype)
     spec.check(dit)
     latents = _sample_all(dit, cond, spec, settings, report, calibration)
@@ -230,14 +267,14 @@ def run_calibration(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settin
     measured for the step caches (`calibrate-cache`); nothing is decoded."""
     recorder = Recorder(settings.steps)
     vae = load_stage(bundle, "vae", report)
-    cond = encode_conditioning(clip, bundle, vae, settings, report)
+    cond = encode_conditioning(clip, bundle, vae, settings, report, spec.trajectories[:1])
     del vae
     free()
     dit = load_stage(bundle, "transformer", report, settings.dtype)
     spec.check(dit)
     ctx = dit.embed_context(cond.context, cond.clip_fea)
     traj = spec.trajectories[0]
-    z = noise(mx.random.key(settings.seed), cond.cond_latent, traj.latents)
+    z = noise(mx.random.key(settings.seed), cond.latent_shape, traj.latents)
     sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
     _trajectory(dit, cond, ctx, traj, z, spec, settings, sampler, report, recorder)
     return recorder.calibration(settings.sampler, settings.shift, str(clip.source))

@@ -50,7 +50,7 @@ def fingerprint(component_dir) -> str:
 
 
 def bundle_identity(bundle) -> dict[str, str]:
-    return {c: fingerprint(bundle.path(c)) for c in ENCODERS}
+    return {c: fingerprint(bundle.path(c)) for c in ENCODERS if c in bundle.remover.components}
 
 
 def sample_file(root: Path, index: int) -> Path:
@@ -105,7 +105,7 @@ class LatentCache:
 
     def check_bundle(self, bundle) -> None:
         mine = bundle_identity(bundle)
-        for c in ENCODERS:
+        for c in mine:
             if self.manifest.get("encoders", {}).get(c) != mine[c]:
                 raise OmnimatteError(f"{self.root}: made with another bundle (its {c} differs from "
                                      f"{bundle.root}'s); run `mlx-omnimatte prepare` with this bundle")

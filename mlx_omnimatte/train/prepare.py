@@ -9,7 +9,8 @@ that removes that object and keeps the others (masks binarized and dilated
 on the model grid as at inference), the target alpha through the VAE as 3
 equal channels in [-1, 1], the clean background without that object, CLIP of
 frame 0 and the caption's embedding (all captions in one text-encoder load,
-through the prompt cache). The model grid is the clip's own size rounded to
+through the prompt cache). A ROSE bundle's samples carry its conditioning
+instead (binary mask, the prompt "", a zero CLIP context). The model grid is the clip's own size rounded to
 multiples of 16 (or ``size``), frames padded to 4n+1 as at inference.
 """
 
@@ -26,12 +27,12 @@ from ..errors import OmnimatteError
 from ..encoders.image import clip_features
 from ..io.grid import pad_frames, plan_grid, resize_frames
 from ..io.inputs import find_clip_files, load_clip_folder, mask_name, read_caption
-from ..io.masks import build_trimask
 from ..io.video import iter_frames
 from ..io.truth import read_truth
-from ..pipelines.conditioning import condition_channels, model_masks, model_video
 from ..progress import Report, stage
 from ..encoders.text import encode_prompts
+from ..pipelines.conditioning import CLIP_TOKENS, condition_channels, model_masks, model_video, removal_mask, remover_prompt
+from ..removers import CASPER, Remover
 from ..weights import load_model
 from . import cache as lc
 
@@ -80,16 +81,16 @@ def alpha_video(alpha: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(alpha, 0.0, 1.0)[..., None], 3, axis=-1)
 
 
-def encode_clip(vae, folder: Path, size=None) -> list[dict]:
+def encode_clip(vae, folder: Path, size=None, remover: Remover = CASPER) -> list[dict]:
     """The samples of one clip (one per object), without context and CLIP."""
     clip = load_clip_folder(folder)
     truth = read_truth(folder)
     plan = train_grid(clip.size[0], clip.size[1], clip.num_frames, size)
     cond_latent = encode(vae, (model_video(clip, plan) + 1.0) * 0.5)[None]
-    masks = model_masks(clip, plan)
+    masks = model_masks(clip, plan, remover)
     out = []
     for i, name in enumerate(clip.names):
-        cond = condition_channels(build_trimask(masks, [i]), cond_latent)[0]
+        cond = condition_channels(removal_mask(masks, [i], remover), cond_latent)[0]
         px = {k: on_grid(truth[src][i], plan).astype(np.float16)
               for k, src in (("alpha_px", "alpha"), ("object_px", "object_alpha"), ("effect_px", "effect"))}
         out.append({"cond": cond, "alpha": encode(vae, alpha_video(on_grid(truth["alpha"][i], plan))),
@@ -134,7 +135,7 @@ def encode_conditions(bundle, folders, cache_dir, report: Report = None) -> dict
     captions, frames = {}, {}
     for f in folders:
         video, _, prompt = find_clip_files(f)
-        captions[f.name] = read_caption(prompt) if prompt is not None else ""
+        captions[f.name] = remover_prompt(bundle.remover, read_caption(prompt) if prompt is not None else "")
         frames[f.name] = next(iter(iter_frames(video)))
     texts = list(dict.fromkeys(captions.values()))
     contexts = dict(zip(texts, encode_prompts(bundle.path("t5"), texts, cache_dir, report=report)))
@@ -143,6 +144,9 @@ def encode_conditions(bundle, folders, cache_dir, report: Report = None) -> dict
     for name, fr in frames.items():
         by_size.setdefault(fr.shape, []).append(name)
     feats = {}
+    if bundle.remover.clip == "zeros":
+        zeros = mx.zeros((CLIP_TOKENS, bundle.config("transformer")["image_dim"]))
+        return {n: (contexts[captions[n]], zeros) for n in frames}
     for names in by_size.values():
         out = clip_features(bundle.path("clip"), np.stack([frames[n] for n in names]), report=report)
         feats.update({n: out[j] for j, n in enumerate(names)})
@@ -153,6 +157,9 @@ def prepare(bundle_path, data, out, size: str | None = None, cache_dir=None, rep
     """Encode ``data`` into the cache ``out`` (resuming an interrupted one)."""
     out = Path(out)
     bundle = open_bundle(bundle_path, need=lc.ENCODERS)
+    if bundle.remover.prompt == "none":
+        raise OmnimatteError(f"{bundle_path}: {bundle.remover.name} has no cross-attention; experts (LoRA on "
+                             "cross_attn q/o) train on a Casper or ROSE bundle")
     folders = clip_folders(data)
     manifest = open_or_create(out, bundle, Path(data), size, folders)
     if manifest.get("complete"):
@@ -165,7 +172,7 @@ def prepare(bundle_path, data, out, size: str | None = None, cache_dir=None, rep
     vae = load_model(bundle.path("vae"), "vae")
     with stage(report, "prepare", len(todo)) as tick:
         for folder, start in todo:
-            samples = encode_clip(vae, folder, size)
+            samples = encode_clip(vae, folder, size, bundle.remover)
             write_samples(out, samples, start, conditions[folder.name], done)
             manifest["samples"] = [done[i] for i in sorted(done)]
             lc.write_manifest(out, manifest)

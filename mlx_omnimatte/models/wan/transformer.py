@@ -1,12 +1,14 @@
 """The Wan2.1 diffusion transformer (T2V, and I2V / Fun-InP with the CLIP image
-branch) in MLX, channels-last.
+branch; with `cross_attn=False`, MiniMax-Remover's: no text embedder, no
+cross-attention, no image branch) in MLX, channels-last.
 
     model(x, t, context, clip_fea=None, attn_fn=None) -> v
       x        [B, F, H, W, in_dim]   noise latent (+ mask + condition latent for InP)
       t        [B] (or a scalar)      timesteps in [0, 1000]
       context  [B, L, text_dim]       text embeddings, L <= text_len (512); shorter
                                       contexts are zero-padded to text_len here, as the
-                                      reference does (pad tokens are embedded and attended)
+                                      reference does (pad tokens are embedded and attended);
+                                      None without cross-attention
       clip_fea [B, 257, image_dim]    CLIP features (image models only, required there)
       v        [B, F, H, W, out_dim]  float32
 
@@ -79,11 +81,14 @@ class Config(BaseConfig):
     rope_theta: float = 10000.0
     rope_max_seq_len: int = 1024
     image_eps: float = 1e-5  # img_emb LayerNorms use torch's default eps
+    cross_attn: bool = True  # False: no text embedder and no cross-attention (MiniMax-Remover)
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+        if not self.cross_attn and self.image_dim is not None:
+            raise ValueError("an image branch needs cross-attention")
 
     @property
     def head_dim(self) -> int:
@@ -265,9 +270,10 @@ class Block(nn.Module):
         D, self.eps = cfg.dim, cfg.eps
         self.modulation = mx.random.normal((1, 6, D)) / D**0.5
         self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
-        self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps, cfg.image_dim is not None, cfg.text_len)
-        if cfg.cross_attn_norm:
-            self.norm3 = nn.LayerNorm(D, eps=cfg.eps)
+        if cfg.cross_attn:
+            self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps, cfg.image_dim is not None, cfg.text_len)
+            if cfg.cross_attn_norm:
+                self.norm3 = nn.LayerNorm(D, eps=cfg.eps)
         self.ffn = [nn.Linear(D, cfg.ffn_dim), GELUTanh(), nn.Linear(cfg.ffn_dim, D)]
 
     def __call__(self, x, e6, ctx, rope, attn_fn=None):
@@ -278,8 +284,9 @@ class Block(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = mx.split(mod, 6, axis=1)
         h = _modulate(x, shift, scale, self.eps).astype(dt)
         x = _gated_add(x, gate, self.self_attn(h, rope, attn_fn))
-        h = self.norm3(x) if "norm3" in self else x
-        x = x + self.cross_attn(h.astype(dt), ctx)
+        if "cross_attn" in self:
+            h = self.norm3(x) if "norm3" in self else x
+            x = x + self.cross_attn(h.astype(dt), ctx)
         h = _modulate(x, c_shift, c_scale, self.eps).astype(dt)
         for layer in self.ffn:
             h = layer(h)
@@ -329,7 +336,8 @@ class Model(nn.Module):
         cfg = self.config = config
         D = cfg.dim
         self.patch_embedding = PatchEmbedding(cfg.in_dim, D, cfg.patch_size)
-        self.text_embedding = [nn.Linear(cfg.text_dim, D), GELUTanh(), nn.Linear(D, D)]
+        if cfg.cross_attn:
+            self.text_embedding = [nn.Linear(cfg.text_dim, D), GELUTanh(), nn.Linear(D, D)]
         self.time_embedding = [nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D)]
         self.time_projection = [nn.SiLU(), nn.Linear(D, 6 * D)]
         if cfg.image_dim is not None:
@@ -362,8 +370,10 @@ class Model(nn.Module):
     def embed_context(self, context, clip_fea=None):
         """context [B, L <= text_len, text_dim] (zero-padded to text_len here),
         clip_fea [B, 257, image_dim] for image models -> ctx [B, (257 +) text_len, D]
-        in the weight dtype, image tokens first."""
+        in the weight dtype, image tokens first; None without cross-attention."""
         cfg = self.config
+        if not cfg.cross_attn:
+            return None
         B, L, _ = context.shape
         if L > cfg.text_len:
             raise ValueError(f"context has {L} tokens, more than text_len {cfg.text_len}")
@@ -392,7 +402,7 @@ class Model(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
-    def __call__(self, x, t, context, clip_fea=None, attn_fn=None):
+    def __call__(self, x, t, context=None, clip_fea=None, attn_fn=None):
         """`attn_fn` (see the module docstring) replaces the self-attention
         kernel in every block, e.g. a query-chunked one on a memory budget."""
         return self.forward(x, t, self.embed_context(context, clip_fea), attn_fn)
