@@ -260,6 +260,17 @@ def copy_video(video: Path, info: VideoInfo, folder: Path, whole: bool):
     return video_sink(folder / f"{VIDEO_STEM}.mp4", info.fps)
 
 
+def disk_bytes(request: MaskRequest) -> int:
+    """A generous bound on the clip folder: the video (copied, or encoded at
+    H.264's visually lossless rates), 1 bit a pixel of PNG per mask frame
+    (they compress far below it) and 2 bits a pixel of preview."""
+    info = request.info
+    pixels = info.frames * info.width * info.height
+    video = request.video
+    size = sum(f.stat().st_size for f in list_frame_files(video)) if video.is_dir() else video.stat().st_size
+    return size + pixels // 4 + pixels * len(request.prompts) // 8 + pixels // 4
+
+
 def write_mask_clip(out: Path, request: MaskRequest, stream, whole: bool, overwrite: bool = False) -> dict:
     """Write the clip folder from a stream of (frame, raw masks); returns the
     per-object counts of frames where the object is present."""
