@@ -12,11 +12,11 @@ import click
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.hygiene import Hygiene
 from mlx_omnimatte.io.video import probe_video
-from mlx_omnimatte.io.writers import check_not_input, check_output
+from mlx_omnimatte.io.writers import check_not_input, check_output, check_space
 from mlx_omnimatte.models.sam3 import mlx_vlm_module
 from mlx_omnimatte.pipelines.cost import machine_rates
-from mlx_omnimatte.pipelines.masking import (MaskRequest, Prompt, check_prompts, dry_run_lines, make_masks,
-                                             object_names, resolve_model)
+from mlx_omnimatte.pipelines.masking import (MaskRequest, Prompt, check_prompts, disk_bytes, dry_run_lines,
+                                             make_masks, object_names, resolve_model)
 from mlx_omnimatte.progress import Progress
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -101,9 +101,10 @@ def mask(video, out, texts, points, boxes, names, model, caption, dilate, erode,
     object_names(prompts)
     folder, cfg = resolve_model(model)  # a hub id: its config.json only
     check_not_input(out, [video, folder])
-    mlx_vlm_module("models.sam3")  # the extra, before any weight
     request = MaskRequest(video, info, prompts, model, Hygiene(dilate=dilate, erode=erode, raw=raw), caption,
                           threshold)
+    check_space(out, disk_bytes(request))
+    mlx_vlm_module("models.sam3")  # the extra, before any weight
     if dry_run:
         rates = machine_rates(("flops",))
         for line in dry_run_lines(request, folder, cfg, rates):

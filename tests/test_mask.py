@@ -97,3 +97,14 @@ def test_frame_window_holds_one_window_and_frame_0():
     assert len(w) == 90 and w[0] is a[0] and w[9] is b[1] and sorted(w._frames) == list(range(8, 16))
     with pytest.raises(OmnimatteError, match="decoding stopped after 85 of the 90 frames"):
         w.load(16, 90)
+
+
+def test_no_room_on_the_disk(sam3_folder, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "clip"
+    assert_refused(["mask", VIDEO, "-o", out, "--model", sam3_folder, "--point", "1,1"], capsys,
+                   "the outputs need about", out)

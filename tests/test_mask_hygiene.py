@@ -126,11 +126,12 @@ def test_clean_stream_keeps_frames_and_masks_paired():
 
 
 def test_prompt_coordinates():
-    # the frame's centre pixel -> the centre of the 72-cell grid, less the half cell the encoder adds
-    p = point_prompt(319.5, 191.5, (640, 384), 72)
-    assert p.shape == (1, 2) and np.allclose(p, [[35.5, 35.5]])
-    assert np.allclose(point_prompt(0, 0, (640, 384), 72), [[0.5 / 640 * 72 - 0.5, 0.5 / 384 * 72 - 0.5]])
-    assert np.allclose(box_prompt((64, 96, 320, 384), (640, 384)), [0.1, 0.25, 0.5, 1.0])
+    # the reference: x * 1008 / W + 0.5, over 1008; mlx-vlm's point encoder adds half a cell and divides by 72
+    h = 0.5 / 1008
+    p = point_prompt(320, 192, (640, 384), 72, 1008)
+    assert p.shape == (1, 2) and np.allclose((p + 0.5) / 72, [[0.5 + h, 0.5 + h]])
+    assert np.allclose(point_prompt(0, 0, (640, 384), 72, 1008), [[h * 72 - 0.5, h * 72 - 0.5]])
+    assert np.allclose(box_prompt((64, 96, 320, 384), (640, 384), 1008), [0.1 + h, 0.25 + h, 0.5 + h, 1.0 + h])
 
 
 def test_to_source_and_preview():

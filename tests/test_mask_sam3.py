@@ -103,9 +103,10 @@ def test_windows_do_not_change_the_masks(tiny, monkeypatch):
     monkeypatch.setattr(Sam3VideoPredictor, "propagate", propagate)
     whole = Sam3VideoPredictor(model, processor)
     whole.set_video([f for f, _ in zip(read_video(VIDEO)[0], range(3))])
-    whole.add_point_prompt(np.array([[(320.5) / 640 * 72 - 0.5, 200.5 / 384 * 72 - 0.5]], np.float32),
+    h = 0.5 / 1008
+    whole.add_point_prompt(np.array([[(320 / 640 + h) * 72 - 0.5, (200 / 384 + h) * 72 - 0.5]], np.float32),
                            np.ones(1, np.int32), 0)
-    whole.add_box_prompt(np.array([10 / 640, 20 / 384, 200 / 640, 300 / 384], np.float32), 1)
+    whole.add_box_prompt(np.array([10 / 640 + h, 20 / 384 + h, 200 / 640 + h, 300 / 384 + h], np.float32), 1)
     results = whole.propagate()
     for t in range(3):
         assert (one[t][0] == to_source(results[t].masks[0], (640, 384))).all()

@@ -13,7 +13,11 @@ package never needs it. Facts of mlx-vlm 0.7 that the code below relies on:
   the predictor's masks come back at ``low_res_mask_size`` squared (288);
 * the tracker's prompt encoder takes points in cells of the backbone's
   feature grid (``image_size / patch_size`` = 72 cells a side, shifted by
-  half a cell) and boxes as ``x0, y0, x1, y1`` fractions of the frame;
+  half a cell) and boxes as ``x0, y0, x1, y1`` fractions of the frame, where
+  the reference (transformers' Sam3Tracker) takes pixels of the 1008 input
+  shifted by half a pixel: the conversions below give the reference's
+  normalized coordinates (parity/test_sam3_prompts_parity.py). Unlike the
+  reference, mlx-vlm adds no padding token after points alone or a box;
 * text prompts are tokenized with the CLIP tokenizer; mlx-vlm fetches it
   from the hub unless one is set, so a folder's own tokenizer files are used
   (offline use).
@@ -90,19 +94,29 @@ def feature_grid(cfg) -> int:
     return t.image_size // t.vision_config.backbone_config.patch_size
 
 
-def point_prompt(x: float, y: float, size: tuple[int, int], grid: int) -> np.ndarray:
-    """A frame pixel (x, y) of a ``size`` = (W, H) frame as the predictor's
-    point: its centre's fraction of the frame, in feature cells less the half
-    cell the prompt encoder adds back."""
+def _unit(v: float, extent: int, image_size: int) -> float:
+    """A source coordinate as the reference's prompt encoder normalizes it:
+    rescaled to the square model input, shifted half a pixel, over its side
+    (transformers' Sam3Tracker processor and prompt encoder)."""
+    return v / extent + 0.5 / image_size
+
+
+def point_prompt(x: float, y: float, size: tuple[int, int], grid: int, image_size: int) -> np.ndarray:
+    """A frame pixel (x, y) of a ``size`` = (W, H) frame as mlx-vlm's point:
+    the reference's normalized coordinate in feature cells, less the half
+    cell its encoder adds back."""
     w, h = size
-    return np.array([[(x + 0.5) / w * grid - 0.5, (y + 0.5) / h * grid - 0.5]], dtype=np.float32)
+    return np.array([[_unit(x, w, image_size) * grid - 0.5, _unit(y, h, image_size) * grid - 0.5]],
+                    dtype=np.float32)
 
 
-def box_prompt(box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
-    """A frame box (x0, y0, x1, y1) in pixels as fractions of the frame."""
+def box_prompt(box: tuple[float, float, float, float], size: tuple[int, int], image_size: int) -> np.ndarray:
+    """A frame box (x0, y0, x1, y1) in pixels as mlx-vlm's box: the
+    reference's normalized corners (its encoder adds no shift to boxes)."""
     w, h = size
     x0, y0, x1, y1 = box
-    return np.array([x0 / w, y0 / h, x1 / w, y1 / h], dtype=np.float32)
+    return np.array([_unit(x0, w, image_size), _unit(y0, h, image_size), _unit(x1, w, image_size),
+                     _unit(y1, h, image_size)], dtype=np.float32)
 
 
 # --- size and activations ----------------------------------------------------

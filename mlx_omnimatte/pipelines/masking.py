@@ -160,17 +160,17 @@ class FrameWindow:
         return [self._frames[t] for t in range(start, stop)]
 
 
-def add_prompts(predictor, prompts: Sequence[Prompt], size: tuple[int, int], grid: int) -> list[int]:
+def add_prompts(predictor, prompts: Sequence[Prompt], size: tuple[int, int], cfg) -> list[int]:
     """Register each prompt with the predictor; its object ids, in order."""
-    ids = []
+    ids, grid, side = [], feature_grid(cfg), cfg.tracker_config.image_size
     for p in prompts:
         if p.kind == "text":
             ids.append(predictor.add_text_prompt(str(p.value), frame_idx=p.frame))
         elif p.kind == "point":
-            pts = point_prompt(p.value[0], p.value[1], size, grid)
+            pts = point_prompt(p.value[0], p.value[1], size, grid, side)
             ids.append(predictor.add_point_prompt(pts, np.ones(1, dtype=np.int32), frame_idx=p.frame))
         else:
-            ids.append(predictor.add_box_prompt(box_prompt(p.value, size), frame_idx=p.frame))
+            ids.append(predictor.add_box_prompt(box_prompt(p.value, size, side), frame_idx=p.frame))
     return ids
 
 
@@ -203,7 +203,7 @@ def track(model, processor, request: MaskRequest, report: Report = None,
     predictor = mlx_vlm_module("models.sam3.generate").Sam3VideoPredictor(model, processor, request.threshold)
     frames = FrameWindow(request.video, info.frames)
     predictor.set_video(frames)
-    ids = add_prompts(predictor, prompts, info.size, feature_grid(model.config))
+    ids = add_prompts(predictor, prompts, info.size, model.config)
     empty = np.zeros((info.height, info.width), dtype=bool)
     with stage(report, f"segment {len(prompts)} object{'s' * (len(prompts) > 1)}", info.frames) as tick:
         for start in range(0, info.frames, window):
@@ -258,6 +258,17 @@ def copy_video(video: Path, info: VideoInfo, folder: Path, whole: bool):
         shutil.copy2(video, folder / f"{VIDEO_STEM}{video.suffix.lower()}")
         return None
     return video_sink(folder / f"{VIDEO_STEM}.mp4", info.fps)
+
+
+def disk_bytes(request: MaskRequest) -> int:
+    """A generous bound on the clip folder: the video (copied, or encoded at
+    H.264's visually lossless rates), 1 bit a pixel of PNG per mask frame
+    (they compress far below it) and 2 bits a pixel of preview."""
+    info = request.info
+    pixels = info.frames * info.width * info.height
+    video = request.video
+    size = sum(f.stat().st_size for f in list_frame_files(video)) if video.is_dir() else video.stat().st_size
+    return size + pixels // 4 + pixels * len(request.prompts) // 8 + pixels // 4
 
 
 def write_mask_clip(out: Path, request: MaskRequest, stream, whole: bool, overwrite: bool = False) -> dict:
