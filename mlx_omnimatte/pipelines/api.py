@@ -28,12 +28,14 @@ from ..memory import machine_memory
 from ..weights import read_config
 from ..progress import Progress, Report
 from ..prompts import prompt_cached
+from ..step_cache import expected_forwards, parse_cache
 from .omnimatte import Layers, run_decompose
 from .optimize import OptimizeSettings, check_optimize, fit_plate
 from .cost import CostRequest, StageCost, long_run_advice, machine_rates, probes_for, render_costs, run_costs
 from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
 from .settings import Mode, Settings, experts_needed, settings_from
+from .stages import bundle_calibration
 from .two_stage import SOLVERS, run_two_stage, run_with_plate, solo_targets
 
 REMOVE_TARGETS = ("all", "each", "both")
@@ -70,14 +72,17 @@ class Prepared:
     plan: RunPlan
     machine: int
     costs: list[StageCost] = field(default_factory=list)
+    cache: str = ""  # the step cache's expected forwards, a line for the plan and the run's header
+    notes: list[str] = field(default_factory=list)  # one-line notices (a calibration ignored)
 
     @property
     def seconds(self) -> float:
         return sum(c.seconds for c in self.costs)
 
     def render(self) -> str:
-        """The plan as `--dry-run` prints it: memory per stage, then time."""
-        lines = [self.plan.render(self.machine), *render_costs(self.costs)]
+        """The plan as `--dry-run` prints it: memory per stage, the step
+        cache's expected forwards, then time."""
+        lines = [self.plan.render(self.machine), *([self.cache] if self.cache else []), *render_costs(self.costs)]
         advice = long_run_advice(self.seconds, self.request.mode, self.request.solver, self.request.solo)
         return "\n".join(lines + ([advice] if advice else []))
 
@@ -177,9 +182,14 @@ def prepare(request: Request) -> Prepared:
     cached = prompt_cached(b.path("t5"), request.clip.caption or "", s.cache_dir)
     plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs,
                     trajectories(request))
+    calibration, note = bundle_calibration(b, s)  # a broken calibration is refused here, before any weight
+    spec = parse_cache(s.cache)
+    expect = expected_forwards(spec, s.steps, calibration, s.sampler, s.shift)
     req = cost_request(request)
-    costs = run_costs(req, grid, machine_rates(probes_for(req)), b, s, plan.windows, plan.tokens, cached)
-    return Prepared(request, b, plan, machine_memory(), costs)
+    costs = run_costs(req, grid, machine_rates(probes_for(req)), b, s, plan.windows, plan.tokens, cached,
+                      expect.computed / expect.steps)
+    return Prepared(request, b, plan, machine_memory(), costs, expect.line(spec) if spec.enabled else "",
+                    [note] if note else [])
 
 
 def trajectories(request: Request) -> int:

@@ -210,6 +210,8 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     vae_cfg = read_config(bundle.path("vae"))
     vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
+    # a step cache keeps one float32 residual of the block stack per window
+    residuals = num_windows(grid.latent_frames, settings) * tokens * cfg["dim"] * 4 if settings.cache != "none" else 0
     outputs = outputs or Outputs()
     t5_cfg, clip_cfg = read_config(bundle.path("t5")), read_config(bundle.path("clip"))
     clip_tokens = (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1
@@ -224,8 +226,8 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
         StagePlan("image encoder", bundle.weight_bytes("clip"),
                   _encoder_activations(clip_cfg, clip_tokens, "width", "heads", "mlp_dim"), host["model"]),
         _vae_stage("encode", grid, vae_cfg, vae_weights, settings, 0, host["model"]),
-        StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes,
-                  host["model"]),
+        StagePlan("denoise", dit_weights + vae_weights,
+                  _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes + residuals, host["model"]),
         _vae_stage("decode", grid, vae_cfg, vae_weights, settings, 0, host["decode"]),
         StagePlan("write", 0, 0, host["write"]),
     ]

@@ -26,7 +26,7 @@ from ..io.masks import build_trimask
 from ..progress import Report, stage
 from ..prompts import encode_prompts
 from ..sampling import make_sampler, sample
-from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
+from ..step_cache import Calibration, Recorder, attached, current_calibration, new_cache, parse_cache
 from ..weights import load_model
 from .conditioning import Conditioning, condition_channels, model_masks, model_video, plan_for
 from .settings import Settings, vae_budget
@@ -190,11 +190,13 @@ def _trajectory(dit, cond: Conditioning, ctx, traj: Trajectory, z: list, spec: M
     return list(z) if traj.latents > 1 else [z]
 
 
-def bundle_calibration(bundle: Bundle, settings: Settings) -> Optional[Calibration]:
-    """The bundle's own step-cache figures when a cache is asked for and it has them."""
+def bundle_calibration(bundle: Bundle, settings: Settings) -> tuple[Optional[Calibration], Optional[str]]:
+    """The bundle's own step-cache figures when a cache is asked for and it has
+    them for its weights; else None, with a one-line note when a calibration
+    of other weights is ignored."""
     if not parse_cache(settings.cache).enabled:
-        return None
-    return read_calibration(bundle.path("transformer"))
+        return None, None
+    return current_calibration(bundle.path("transformer"))
 
 
 def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, report: Report = None,
@@ -202,7 +204,7 @@ def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, r
     """Run a mode's trajectories; returns (grid plan, {label: {name: decoded
     video [T, H, W, 3] in [0, 1] on the model grid}}), the latents of each
     trajectory decoded under the names of `decode_as`."""
-    calibration = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
+    calibration, _ = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
     vae = load_stage(bundle, "vae", report)
     cond = encode_conditioning(clip, bundle, vae, settings, report)
     dit = load_stage(bundle, "transformer", report, settings.dtype)
