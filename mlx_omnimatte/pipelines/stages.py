@@ -23,6 +23,7 @@ from ..errors import OmnimatteError
 from ..image_encoder import clip_features
 from ..io.inputs import Clip
 from ..io.masks import build_trimask
+from ..memory import buffer_cache
 from ..progress import Report, stage
 from ..prompts import encode_prompts
 from ..sampling import make_sampler, sample
@@ -119,7 +120,8 @@ def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, rep
                 cache.step_done(i, v)
             return v
 
-        return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
+        with buffer_cache():
+            return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
 
 
 def _at_step(window_velocity, cache, step: int):
