@@ -51,11 +51,20 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def mlx_cuda() -> bool:
+    """MLX's default device is a GPU of its CUDA backend (not Metal)."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return False
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and hasattr(cuda, "is_available"):
+        return bool(cuda.is_available())
+    metal = getattr(mx, "metal", None)
+    return not (metal is not None and metal.is_available())
+
+
 def mode() -> str:
-    """gpu when MLX's default device is a GPU that is not Metal (the CUDA
-    backend) and torch sees CUDA; else cpu (the tiny run)."""
-    gpu = mx.default_device().type == mx.DeviceType.gpu and not mx.metal.is_available()
-    return "gpu" if gpu and torch_cuda() else "cpu"
+    """gpu when MLX runs on its CUDA backend and torch sees CUDA; else cpu (the tiny run)."""
+    return "gpu" if mlx_cuda() and torch_cuda() else "cpu"
 
 
 def meta() -> dict:
