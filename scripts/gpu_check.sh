@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -o) OUT="$2"; shift 2 ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (-o DIR, --tiny)" >&2; exit 2 ;;
   esac
 done
