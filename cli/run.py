@@ -116,6 +116,8 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     _refuse_overwriting_inputs(out, request)
     prepared = prepare(request)
     check_space(out, prepared.plan.disk)
+    for note in prepared.notes:
+        click.echo(note, err=True)
     spec = request.clip
     if not quiet:
         if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
@@ -130,6 +132,8 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     if not quiet:
         click.echo(f"estimated time on this machine: {format_seconds(prepared.seconds)} (an estimate; "
                    f"--dry-run shows it per stage)", err=True)
+        if prepared.cache:
+            click.echo(prepared.cache, err=True)
     advice = long_run_advice(prepared.seconds, request.mode, request.solver, request.solo)
     if advice:
         click.echo(advice, err=True)

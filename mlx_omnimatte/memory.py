@@ -14,6 +14,7 @@ queries are cut into chunks whose scores fit a byte budget.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -29,6 +30,28 @@ DEFAULT_ATTENTION_BUDGET = 1 << 30
 # Scores are held in the input dtype, and the softmax works in float32:
 # per score element budget itemsize + 4 bytes (conservative vs. the measured peak).
 _SOFTMAX_BYTES = 4
+
+
+# Freed buffers MLX keeps for reuse on the CPU while a DiT runs. Its CPU
+# default is 32 MiB, so every attention chunk's scores and every FFN hidden
+# (~1 GB each at 32,760 tokens) came back as fresh pages: ~123k page faults a
+# chunk, a third of a forward's time in the kernel (parity/bench_dit_gemm.py).
+CPU_BUFFER_CACHE = 4 * GB
+
+
+@contextmanager
+def buffer_cache(limit: int = CPU_BUFFER_CACHE):
+    """Within the block, MLX on the CPU keeps up to `limit` bytes of freed
+    buffers for reuse; after it, the previous limit, the cache emptied."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        yield
+        return
+    previous = mx.set_cache_limit(limit)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
 
 
 def fused_attention(device=None) -> bool:

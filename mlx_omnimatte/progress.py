@@ -9,8 +9,9 @@ with ``done = 0`` when a stage starts, after each unit of work, and
 library side's helper for that protocol. `Progress` is the caller's side
 (the CLI and the Python API): one bar per stage with rate and ETA on a
 terminal, plain lines at a modest rate otherwise (log files get no
-carriage-return spam), and per stage its wall time, peak MLX memory and the
-process's max RSS, printed at the end.
+carriage-return spam), and per stage its wall time, peak MLX memory, the
+process's max RSS and its last detail (e.g. a step cache's computed
+forwards), printed at the end.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class StageRecord:
     seconds: float
     peak_bytes: int  # MLX peak during the stage
     rss_bytes: int = 0  # the process's max RSS at the stage's end
+    detail: str = ""  # the last detail the stage reported
 
 
 class _PlainBar:
@@ -130,12 +132,14 @@ class Progress:
     stream: object = field(default_factory=lambda: sys.stderr)
     records: list[StageRecord] = field(default_factory=list)
     _open: object = None  # (name, bar, start time)
+    _detail: str = ""  # the open stage's last detail
 
     def report(self, name: str, done: int, total: int | None = None, detail: str = "") -> None:
         if self._open is None or self._open[0] != name:
             self._close()
             self._start(name, total)
         _, bar, _ = self._open
+        self._detail = detail or self._detail
         if bar is not None:
             bar.update_to(done, detail, total)
         if total is not None and done >= total:
@@ -161,7 +165,9 @@ class Progress:
         if bar is not None:
             bar.close()
         mx.synchronize()
-        self.records.append(StageRecord(name, time.perf_counter() - start, mx.get_peak_memory(), max_rss()))
+        self.records.append(StageRecord(name, time.perf_counter() - start, mx.get_peak_memory(), max_rss(),
+                                        self._detail))
+        self._detail = ""
 
     @property
     def peak(self) -> int:
@@ -174,7 +180,8 @@ class Progress:
         self._close()
         lines = [f"{'stage':<28} {'seconds':>9} {'MLX peak GB':>11} {'max RSS GB':>10}"]
         for r in self.records:
-            lines.append(f"{r.name:<28} {r.seconds:>9.1f} {r.peak_bytes / GB:>11.2f} {r.rss_bytes / GB:>10.2f}")
+            lines.append(f"{r.name:<28} {r.seconds:>9.1f} {r.peak_bytes / GB:>11.2f} {r.rss_bytes / GB:>10.2f}"
+                         + (f"  {r.detail}" if r.detail else ""))
         return "\n".join(lines)
 
 

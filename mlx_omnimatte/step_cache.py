@@ -21,8 +21,10 @@ own tokens). In the dual-branch forward a residual is tagged with its expert,
 so the step after the Effect -> Quality switch is always computed.
 
 `calibrate-cache` measures a bundle's own ratios and polynomial
-(`Calibration`, `BUNDLE/transformer/step_cache.json`); runs use them when
-present, the published Wan2.1-T2V-1.3B figures otherwise.
+(`Calibration`, `BUNDLE/transformer/step_cache.json`, tied to the weights'
+fingerprint); runs use them when present and made for these weights, the
+published Wan2.1-T2V-1.3B figures otherwise. `expected_forwards` says before a
+run how many forwards a window is expected to compute.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import OmnimatteError
+from .weights import fingerprint
 
 KINDS = ("none", "teacache", "magcache")
 CALIBRATION_FILE = "step_cache.json"
+CALIBRATION_FORMAT = 2  # 2: tied to the transformer's weights fingerprint
 
 # TeaCache4Wan2.1 (ali-vilab/TeaCache, teacache_generate.py with --use_ret_steps,
 # Wan2.1-T2V-1.3B): the polynomial (highest power first) of the relative L1
@@ -55,6 +59,10 @@ TEACACHE_RET_STEPS = 5
 # mlx-examples' table for 1.3B, 50 UniPC steps: 0.05 skips ~34% ("almost
 # lossless"), 0.1 ~58% ("slightly corrupted"), 0.25 ~76% (visible loss)
 TEACACHE_THRESHOLD = 0.05
+# the same table as (threshold, share of 50 steps skipped): what a plan
+# expects of a TeaCache run when the bundle's own e0 changes are not known
+TEACACHE_PUBLISHED_SKIPS = ((0.05, 0.34), (0.1, 0.58), (0.25, 0.76))
+TEACACHE_PUBLISHED_STEPS = 50
 
 # MagCache4Wan2.1 (Zehong-Ma/MagCache, magcache_generate.py, T2V-1.3B, 50
 # UniPC steps): the conditional pass's ratios mean_tokens(|r_i| / |r_{i-1}|),
@@ -217,6 +225,47 @@ def schedule(policy, changes) -> list[bool]:
     return out
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """What a plan expects of a cache: forwards computed per window of `steps`."""
+
+    computed: float
+    steps: int
+    how: str  # where the figure comes from
+
+    def line(self, spec: CacheSpec) -> str:
+        return (f"step cache {spec}: expected {self.computed:.0f} of {self.steps} DiT forwards computed a window "
+                f"({self.how}; an expectation)")
+
+
+def teacache_published(threshold: float, steps: int) -> float:
+    """Forwards computed of `steps` at the published skip rate for `threshold`
+    (interpolated in the table, the table's last rate beyond it), the same
+    share of the steps after the always-computed ones as at 50 steps."""
+    x, y = zip((0.0, 0.0), *TEACACHE_PUBLISHED_SKIPS)
+    skipped_at_50 = float(np.interp(threshold, x, y)) * TEACACHE_PUBLISHED_STEPS
+    share = skipped_at_50 / (TEACACHE_PUBLISHED_STEPS - TEACACHE_RET_STEPS)
+    return steps - share * max(steps - TEACACHE_RET_STEPS, 0)
+
+
+def expected_forwards(spec: CacheSpec, steps: int, calibration: Optional["Calibration"] = None,
+                      sampler: str = "", shift: Optional[float] = None) -> Expectation:
+    """Forwards a window computes: MagCache's rule reads only its ratios (so
+    the count is its schedule's); TeaCache's reads e0's changes, known from a
+    calibration of the same schedule, else the published skip rate."""
+    if not spec.enabled:
+        return Expectation(steps, steps, "no cache")
+    policy, source = make_policy(spec, steps, calibration)
+    if spec.kind == "magcache":
+        return Expectation(sum(schedule(policy, [None] * steps)), steps, f"MagCache's rule on the {source}")
+    if calibration is not None and (calibration.steps, calibration.sampler, calibration.shift) == (steps, sampler,
+                                                                                                   shift):
+        changes = [None] + [x for x, _ in calibration.tea_points]
+        return Expectation(sum(schedule(policy, changes)), steps, f"TeaCache's rule on {CALIBRATED}")
+    return Expectation(teacache_published(spec.threshold, steps), steps,
+                       "mlx-examples' published Wan2.1-1.3B skip rate at 50 steps")
+
+
 # --------------------------------------------------------------------------- the hook the DiT calls
 
 
@@ -306,11 +355,14 @@ class Calibration:
     shift: float
     tea_points: list[list[float]] = field(default_factory=list)  # the fitted (x, y) pairs
     clip: str = ""
+    weights: str = ""  # the transformer's fingerprint (`weights.fingerprint`) when measured
 
     def save(self, transformer_dir: Path) -> Path:
+        """Into the transformer's directory, tied to its weights as they are now."""
         path = Path(transformer_dir) / CALIBRATION_FILE
+        self.weights = fingerprint(transformer_dir)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"format": 1, **asdict(self)}, indent=1))
+        tmp.write_text(json.dumps({"format": CALIBRATION_FORMAT, **asdict(self)}, indent=1))
         os.replace(tmp, path)  # a reader never sees half a file
         return path
 
@@ -330,6 +382,18 @@ def read_calibration(transformer_dir: Path) -> Optional[Calibration]:
     if len(cal.mag_ratios) < 2 or len(cal.tea_coefficients) != len(TEACACHE_COEFFICIENTS):
         raise OmnimatteError(f"{path}: incomplete step-cache calibration; run `mlx-omnimatte calibrate-cache` again")
     return cal
+
+
+def current_calibration(transformer_dir: Path) -> tuple[Optional[Calibration], Optional[str]]:
+    """(the bundle's calibration, None), or (None, a one-line note) when the
+    file was measured on other weights (a re-converted transformer, or a file
+    from before calibrations were tied to weights): it is ignored, not used."""
+    cal = read_calibration(transformer_dir)
+    if cal is None or cal.weights == fingerprint(transformer_dir):
+        return cal, None
+    path = Path(transformer_dir) / CALIBRATION_FILE
+    return None, (f"{path}: measured on other weights than this transformer's; ignored ({PUBLISHED} used), "
+                  "run `mlx-omnimatte calibrate-cache` again")
 
 
 def magnitude_ratio(r: mx.array, prev: mx.array) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -59,19 +60,49 @@ def read_weight_map(index) -> dict[str, str]:
     return weight_map
 
 
-def load_weights(path) -> dict[str, mx.array]:
-    """All tensors of a converted directory (sharded or not)."""
+def weight_files(path) -> list[Path]:
+    """The safetensors files of a converted directory (its shards when indexed)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(read_weight_map(index).values())) if index.exists() else ["model.safetensors"]
-    weights = {}
-    for f in files:
-        if not (path / f).exists():
-            raise OmnimatteError(f"{path / f}: missing weight file")
+    names = sorted(set(read_weight_map(index).values())) if index.exists() else ["model.safetensors"]
+    return [path / n for n in names]
+
+
+def fingerprint(path, extra=(), salt: str = "") -> str:
+    """A cheap identity of a converted directory's weights: `salt`, its
+    config, the files `extra` (relative paths, e.g. a tokenizer), and per
+    weight file its name, size and first/last MiB (the header and a sample of
+    values: a re-conversion changes it). What is derived from the weights
+    (prompt embeddings, latent caches, step-cache calibrations) is keyed by it."""
+    path = Path(path)
+    h = hashlib.sha256(salt.encode())
+    for f in [path / "config.json", *(path / e for e in extra)]:
+        if not f.is_file():
+            raise OmnimatteError(f"{f}: missing (not a converted model directory?)")
+        h.update(f.read_bytes())
+    for f in weight_files(path):
         try:
-            weights.update(mx.load(str(path / f)))
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                tail = fh.read()
+        except OSError:
+            raise OmnimatteError(f"{f}: missing weight file") from None
+        h.update(f"{f.name}:{size}".encode() + head + tail)
+    return h.hexdigest()[:24]
+
+
+def load_weights(path) -> dict[str, mx.array]:
+    """All tensors of a converted directory (sharded or not)."""
+    weights = {}
+    for f in weight_files(path):
+        if not f.exists():
+            raise OmnimatteError(f"{f}: missing weight file")
+        try:
+            weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
-            raise OmnimatteError(f"{path / f}: unreadable ({e})") from None
+            raise OmnimatteError(f"{f}: unreadable ({e})") from None
     return weights
 
 

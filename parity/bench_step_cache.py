@@ -53,8 +53,9 @@ def make_clip(folder: Path, size: tuple[int, int]) -> tuple[Path, Path]:
     return folder / "video.mp4", folder / "mask"
 
 
-def remove(bundle: Path, clip, out: Path, cache: str, steps: int, size: str) -> tuple[float, float, str]:
-    """(wall seconds, denoise seconds, 'computed N/M') of one run."""
+def remove(bundle: Path, clip, out: Path, cache: str, steps: int, size: str) -> tuple[float, float, str, str]:
+    """(wall seconds, denoise seconds, 'computed N/M', the plan's expected
+    count a window) of one run."""
     args = ["remove", clip[0], "--mask", clip[1], "--bundle", bundle, "-o", out, "--steps", steps, "--size", size,
             "--cache", cache, "--background-format", "png", "--dtype", "float32", "--overwrite"]
     start = time.perf_counter()
@@ -64,7 +65,9 @@ def remove(bundle: Path, clip, out: Path, cache: str, steps: int, size: str) -> 
         sys.exit(f"failed: {' '.join(map(str, args))}\n{done.stderr}")
     denoise = float(re.search(r"^denoise all\s+([\d.]+)", done.stderr, re.M).group(1))
     count = re.search(r"computed \d+/\d+", done.stderr)
-    return wall, denoise, count.group(0) if count else f"computed {steps}/{steps}"
+    expected = re.search(r"expected (\d+) of (\d+)", done.stderr)
+    return (wall, denoise, count.group(0) if count else f"computed {steps}/{steps}",
+            f"{expected.group(1)}/{expected.group(2)}" if expected else f"{steps}/{steps}")
 
 
 def main() -> None:
@@ -81,14 +84,16 @@ def main() -> None:
     size = tuple(int(v) for v in a.size.split("x"))
     clip = make_clip(work / "clip", size)
     print(f"tiny bundle, remove, {a.steps} Euler steps, grid {a.size}, 81 frames (one window), float32")
-    print(f"{'--cache':<16} {'forwards':>16} {'denoise s':>10} {'wall s':>8} {'mean |bg - bg_none|':>20}")
+    print(f"{'--cache':<16} {'forwards':>16} {'plan expected':>14} {'denoise s':>10} {'wall s':>8} "
+          f"{'mean |bg - bg_none|':>20}")
     plain = None
     for cache in CACHES:
         out = work / f"out-{cache.replace(':', '-')}"
-        wall, denoise, count = remove(bundle, clip, out, cache, a.steps, a.size)
+        wall, denoise, count, expected = remove(bundle, clip, out, cache, a.steps, a.size)
         bg = read_video(out / "background_all")[0].astype(np.float32)
         plain = bg if plain is None else plain
-        print(f"{cache:<16} {count:>16} {denoise:>10.1f} {wall:>8.1f} {np.abs(bg - plain).mean():>20.2f}")
+        print(f"{cache:<16} {count:>16} {expected:>14} {denoise:>10.1f} {wall:>8.1f} "
+              f"{np.abs(bg - plain).mean():>20.2f}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def parse(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=2, help="timed forwards after one warm-up")
     p.add_argument("--backend", default="both", choices=["both", "mlx", "torch"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="torch's device (auto: cuda when torch sees one); MLX runs on its default device")
     return p.parse_args(argv)
 
 
@@ -92,25 +94,34 @@ def bench_torch(args) -> dict:
 
     cfg = config(args)
     dtype = getattr(torch, args.dtype)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
         model = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval().to(dtype)
         keep = model._keep_in_fp32_modules  # what from_pretrained(torch_dtype=...) keeps in fp32
         for name, mod in model.named_modules():
             if any(k in name.split(".") for k in keep):
                 mod.float()
+        model.to(device)
         d = inputs(cfg, args)
-        x = torch.from_numpy(d["x"]).permute(0, 4, 1, 2, 3).to(dtype)
-        ctx = torch.from_numpy(d["context"]).to(dtype)
-        img = torch.from_numpy(d["clip_fea"]).to(dtype) if "clip_fea" in d else None
-        t = torch.from_numpy(d["t"])
+        x = torch.from_numpy(d["x"]).permute(0, 4, 1, 2, 3).to(device, dtype)
+        ctx = torch.from_numpy(d["context"]).to(device, dtype)
+        img = torch.from_numpy(d["clip_fea"]).to(device, dtype) if "clip_fea" in d else None
+        t = torch.from_numpy(d["t"]).to(device)
         model(x, t, ctx, img, return_dict=False)
+        sync()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model(x, t, ctx, img, return_dict=False)
+            sync()
             times.append(time.perf_counter() - t0)
-    return {"backend": "torch", "threads": torch.get_num_threads(), "s_per_forward": min(times), "times": times,
-            "max_rss_gb": max_rss_gb()}
+    r = {"backend": "torch", "device": device, "threads": torch.get_num_threads(), "s_per_forward": min(times),
+         "times": times, "max_rss_gb": max_rss_gb()}
+    if device == "cuda":
+        r["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return r
 
 
 def main(argv=None):
@@ -133,8 +144,8 @@ def main(argv=None):
             print(f"{backend}: failed\n{out.stderr[-2000:]}")
             continue
         r = json.loads(line[0][7:])
-        mem = f"peak {r['peak_gb']:.2f} GB (MLX), " if "peak_gb" in r else ""
-        print(f"{backend:6s} {r['s_per_forward']:.2f} s/forward (runs {', '.join(f'{t:.2f}' for t in r['times'])}); "
+        mem = f"peak {r['peak_gb']:.2f} GB ({backend} device), " if "peak_gb" in r else ""
+        print(f"{backend:6s} on {r.get('device', 'cpu')}: {r['s_per_forward']:.2f} s/forward (runs {', '.join(f'{t:.2f}' for t in r['times'])}); "
               f"{mem}max RSS {r['max_rss_gb']:.2f} GB")
 
 

@@ -2,6 +2,7 @@
 tests/test_fixtures.py checks MLX against without torch.
 
     python parity/make_fixtures.py            # writes parity/fixtures/wan_dit_tiny/
+    python parity/make_fixtures.py --device cuda --out results/fixtures   # the reference on a GPU
 
 The fixture is a real diffusers `save_pretrained` folder (config.json +
 diffusion_pytorch_model.safetensors, float16 weights whose values the float32
@@ -12,6 +13,7 @@ versions, device, config, bound). Kept under 2 MB.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -32,17 +34,18 @@ T = (900.0, 150.0)
 TEXT_TOKENS = 16
 
 
-def main(out: Path = OUT) -> None:
+def main(out: Path = OUT, device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference
     model = build_reference(CFG, seed=5, fp16_exact=True)
     inputs = make_inputs(CFG, *GRID, batch=2, text_tokens=TEXT_TOKENS, seed=6, t=T)
-    ref = reference_forward(model, inputs)
+    ref = reference_forward(model.to(device), inputs, device=device)
     model.half().save_pretrained(str(out), safe_serialization=True)
     np.savez_compressed(out / "inputs.npz", x=inputs["x"], t=inputs["t"],
                         context=inputs["context"][:, :TEXT_TOKENS], clip_fea=inputs["clip_fea"], output=ref)
     save_json(out / "meta.json", {
-        **versions(),
-        "what": "diffusers WanTransformer3DModel float32 forward on CPU; weights stored as float16 "
+        **versions(device),
+        "what": f"diffusers WanTransformer3DModel float32 forward on {device} (TF32 off); weights stored as float16 "
                 "(the values the reference used exactly); context zero-padded to 512 by the model",
         "config": CFG.to_dict(), "grid": list(GRID), "t": list(T), "text_tokens": TEXT_TOKENS,
         "bound": "max|mlx-ref| <= 1e-4 * max|ref|", "max_abs_ref": float(np.abs(ref).max()),
@@ -53,5 +56,9 @@ def main(out: Path = OUT) -> None:
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--device", default="cpu", help="torch device of the reference forward (cpu, cuda)")
+    args = ap.parse_args()
     torch.set_grad_enabled(False)
-    main()
+    main(args.out, args.device)

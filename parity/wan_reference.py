@@ -178,14 +178,15 @@ def make_inputs(cfg: Config, frames: int, height: int, width: int, batch: int = 
 
 
 @torch.no_grad()
-def reference_forward(model: WanTransformer3DModel, inputs: dict, dtype=torch.float32) -> np.ndarray:
-    """diffusers forward on channels-first tensors; returns channels-last float32 numpy."""
-    x = torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3).to(dtype)
-    ctx = torch.from_numpy(inputs["context"]).to(dtype)
+def reference_forward(model: WanTransformer3DModel, inputs: dict, dtype=torch.float32, device="cpu") -> np.ndarray:
+    """diffusers forward on channels-first tensors (on the model's `device`);
+    returns channels-last float32 numpy."""
+    x = torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3).to(device, dtype)
+    ctx = torch.from_numpy(inputs["context"]).to(device, dtype)
     img = inputs.get("clip_fea")
-    img = torch.from_numpy(img).to(dtype) if img is not None else None
-    out = model(x, torch.from_numpy(inputs["t"]), ctx, img, return_dict=False)[0]
-    return out.float().permute(0, 2, 3, 4, 1).contiguous().numpy()
+    img = torch.from_numpy(img).to(device, dtype) if img is not None else None
+    out = model(x, torch.from_numpy(inputs["t"]).to(device), ctx, img, return_dict=False)[0]
+    return out.float().permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
 
 
 def load_bf16_reference(pretrained_dir: Path) -> WanTransformer3DModel:
@@ -193,11 +194,14 @@ def load_bf16_reference(pretrained_dir: Path) -> WanTransformer3DModel:
     return WanTransformer3DModel.from_pretrained(str(pretrained_dir), torch_dtype=torch.bfloat16).eval()
 
 
-def versions() -> dict:
+def versions(device: str = "cpu") -> dict:
     import diffusers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": "cpu",
-            "threads": torch.get_num_threads()}
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": device,
+           "threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def save_json(path: Path, obj) -> None:

@@ -56,3 +56,20 @@ def test_stage_peaks():
     assert report.peak == max(p1, p2)
     assert report.lines()[0].startswith("alloc: peak ") and "MiB" in report.lines()[0]
     assert M.format_bytes(512) == "512 B" and M.format_bytes(3 << 30) == "3.00 GiB"
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU's buffer cache")
+def test_buffer_cache_keeps_freed_buffers_inside_only():
+    """Inside, a freed 64 MiB buffer stays for reuse (MLX's CPU default of 32
+    MiB would return it); after, the limit is the previous one, the cache empty."""
+    before = mx.set_cache_limit(32 << 20)
+    try:
+        with M.buffer_cache(256 << 20):
+            a = mx.ones((16 << 20,))  # 64 MiB
+            mx.eval(a)
+            del a
+            assert mx.get_cache_memory() >= 64 << 20
+        assert mx.get_cache_memory() == 0
+        assert mx.set_cache_limit(32 << 20) == 32 << 20
+    finally:
+        mx.set_cache_limit(before)

@@ -31,9 +31,11 @@ from mlx_omnimatte.pipelines.api import Request, execute, prepare
 from mlx_omnimatte.pipelines.settings import Mode, Settings, settings_from
 from mlx_omnimatte.pipelines.windows import blend_velocity, make_windows
 from mlx_omnimatte.sampling import make_sampler, sample
-from mlx_omnimatte.step_cache import (CALIBRATED, CALIBRATION_FILE, MAGCACHE_RATIOS, PUBLISHED, CacheSpec, MagCache,
-                                      StepCache, TeaCache, attached, make_policy, nearest_ratios, parse_cache,
-                                      read_calibration, schedule)
+from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.step_cache import (CALIBRATED, CALIBRATION_FILE, MAGCACHE_RATIOS, PUBLISHED, TEACACHE_RET_STEPS,
+                                      CacheSpec, MagCache, StepCache, TeaCache, attached, current_calibration,
+                                      expected_forwards, make_policy, nearest_ratios, parse_cache, read_calibration,
+                                      schedule, teacache_published)
 from tiny_models import tiny_bundle
 
 RUN = dict(size="64x32", min_frames=9, window=2, overlap=1, steps=20)  # 3 latent frames: windows (0, 2), (1, 3)
@@ -364,3 +366,121 @@ def test_calibration_needs_six_steps(bundle, clip, tmp_path, capsys, monkeypatch
     assert_refused(["calibrate-cache", video, "--mask", mask, "--bundle", bundle, "--steps", "5", "--quiet"], capsys,
                    "at least 6")
     assert loads == [] and not (bundle / "transformer" / CALIBRATION_FILE).exists()
+
+
+# --------------------------------------------------------------------------- the plan counts the cache
+
+
+@pytest.mark.parametrize("threshold,steps,computed", [(0.05, 50, 33.0), (0.1, 50, 21.0), (0.25, 50, 12.0),
+                                                      (0.075, 50, 27.0), (1.0, 50, 12.0), (0.05, 25, 25 - 17 * 20 / 45),
+                                                      (0.05, 5, 5.0)])
+def test_teacache_published_expectation(threshold, steps, computed):
+    """mlx-examples' skip rates (34%, 58%, 76% of 50 steps), interpolated
+    between thresholds, as a share of the steps after the 5 always computed."""
+    assert teacache_published(threshold, steps) == pytest.approx(computed)
+    assert teacache_published(threshold, steps) >= min(steps, TEACACHE_RET_STEPS)
+
+
+def test_expected_forwards_sources():
+    mag = expected_forwards(parse_cache("magcache"), 8)
+    assert (mag.computed, mag.steps) == (4, 8) and PUBLISHED in mag.how
+    assert mag.computed == sum(schedule(make_policy(parse_cache("magcache"), 8)[0], [None] * 8))
+    tea = expected_forwards(parse_cache("teacache:0.05"), 50)
+    assert tea.computed == pytest.approx(33.0) and "published" in tea.how
+    assert "an expectation" in tea.line(parse_cache("teacache:0.05"))
+    assert expected_forwards(CacheSpec(), 50).computed == 50
+
+
+def test_dry_run_and_header_state_expected_forwards(bundle, clip, tmp_path, capsys):
+    """The plan names the expected computed forwards and costs the denoise
+    stage at them; the run's header says the same; the run's records (its
+    stage summary) report the computed forwards of the trajectory."""
+    video, mask = clip
+    base = ["remove", video, "--mask", mask, "--bundle", bundle, "--steps", "8", "--size", "64x32"]
+    line = (f"step cache magcache:0.12: expected 4 of 8 DiT forwards computed a window (MagCache's rule on the "
+            f"{PUBLISHED}; an expectation)")
+    code, out, err = run_cli(base + ["-o", tmp_path / "d", "--dry-run", "--cache", "magcache"], capsys)
+    assert code == 0, err
+    assert line in out
+    cached = _denoise_cost(out)
+    assert "8 DiT forwards, ~4 computed (step cache, expected)" in cached
+    code, out, err = run_cli(base + ["-o", tmp_path / "d", "--dry-run"], capsys)
+    assert "step cache" not in out and "~" not in _denoise_cost(out)
+    # the stage's seconds at half the forwards (rounded to 0.1 s in the table)
+    assert float(cached.split()[-1]) == pytest.approx(float(_denoise_cost(out).split()[-1]) / 2, abs=0.06)
+    code, out, err = run_cli(base + ["-o", tmp_path / "r", "--cache", "magcache"], capsys)
+    assert code == 0, err
+    assert line in err
+    summary = [ln for ln in err.splitlines() if ln.startswith("denoise all") and ln.rstrip().endswith(")")]
+    assert summary and f"computed 4/8 forwards (magcache:0.12, {PUBLISHED})" in summary[-1]
+
+
+def _denoise_cost(plan: str) -> str:
+    (line,) = [ln for ln in plan.splitlines() if ln.startswith("denoise") and "DiT forwards" in ln]
+    return line
+
+
+def test_records_keep_the_computed_forwards(bundle, clip):
+    video, mask = clip
+    request = Request(Mode.REMOVE, resolve_clip(video, [mask], "a wall", None), bundle,
+                      settings_from(**{**RUN, "cache": "magcache"}), "all")
+    rec = Progress(enabled=False)
+    execute(prepare(request), rec)
+    (record,) = [r for r in rec.records if r.name == "denoise all"]
+    assert counts(record.detail) == (20, 40, "magcache:0.12", PUBLISHED)
+    assert [r.detail for r in rec.records if r.name.startswith("vae")] == ["", ""]
+
+
+def _change_weights(transformer_dir: Path) -> None:
+    """Other weights of the same shapes, as a conversion of another checkpoint gives."""
+    f = transformer_dir / "model.safetensors"
+    weights = {k: v * 1.5 for k, v in mx.load(str(f)).items()}
+    mx.save_safetensors(str(f), weights)
+
+
+def test_calibration_of_other_weights_is_ignored(bundle, clip, tmp_path, capsys):
+    """A calibration is tied to the transformer's fingerprint: after a
+    re-conversion (other weights) it is ignored with one line, and the run
+    uses and names the published figures; an untied file (format 1) too."""
+    own = tmp_path / "bundle"
+    shutil.copytree(bundle, own)
+    tdir = own / "transformer"
+    ratios = [1.0] + [0.999] * 7  # skips as long as K allows: 3 of 8 computed
+    stages.Calibration(ratios, [0.0, 0.0, 0.0, 1.0, 0.0], "euler", 8, 5.0).save(tdir)
+    cal, note = current_calibration(tdir)
+    assert note is None and cal.mag_ratios == ratios
+    video, mask = clip
+    base = ["remove", video, "--mask", mask, "--bundle", own, "--steps", "8", "--size", "64x32", "--cache",
+            "magcache"]
+    code, out, err = run_cli(base + ["-o", tmp_path / "a", "--dry-run"], capsys)
+    own_count = sum(schedule(make_policy(parse_cache("magcache"), 8, cal)[0], [None] * 8))
+    assert own_count != 4  # the figures differ from the published ones: the source shows in the count
+    assert f"expected {own_count} of 8" in out and CALIBRATED in out and "other weights" not in err
+    _change_weights(tdir)
+    cal, note = current_calibration(tdir)
+    assert cal is None and note.startswith(f"{tdir / CALIBRATION_FILE}: measured on other weights")
+    code, out, err = run_cli(base + ["-o", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert [ln for ln in err.splitlines() if "other weights" in ln] == [note]
+    assert f"computed 4/8 forwards (magcache:0.12, {PUBLISHED})" in err
+    data = json.loads((tdir / CALIBRATION_FILE).read_text())
+    data.pop("weights")
+    data["format"] = 1
+    (tdir / CALIBRATION_FILE).write_text(json.dumps(data))
+    assert read_calibration(tdir) is not None and current_calibration(tdir)[0] is None
+
+
+def test_plan_counts_the_residuals(bundle, clip):
+    """The denoise stage's memory holds one float32 residual per window."""
+    video, mask = clip
+
+    def denoise_stage(cache):
+        request = Request(Mode.REMOVE, resolve_clip(video, [mask], "a wall", None), bundle,
+                          settings_from(**{**RUN, "cache": cache}), "all")
+        plan = prepare(request).plan
+        return plan, next(s for s in plan.stages if s.name == "denoise")
+
+    plan, plain = denoise_stage(None)
+    _, cached = denoise_stage("magcache")
+    dim = json.loads((bundle / "transformer" / "config.json").read_text())["dim"]
+    assert plan.windows == 2 and cached.activations - plain.activations == 2 * plan.tokens * dim * 4

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from ..errors import OmnimatteError
 from ..models import t5
 from ..progress import Report, stage
-from ..weights import load_weights, read_config, read_weight_map
+from ..weights import fingerprint, load_weights, read_config
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +115,14 @@ def cache_root(cache_dir=None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
-def _weight_files(t5_dir: Path) -> list[Path]:
-    index = t5_dir / "model.safetensors.index.json"
-    if index.exists():
-        return [t5_dir / n for n in sorted(set(read_weight_map(index).values()))]
-    return [t5_dir / "model.safetensors"]
-
-
 def encoder_fingerprint(t5_dir, quantize: int | None = None) -> str:
-    """A cheap identity of the text encoder: config, tokenizer, and for each
-    weight file its size and first/last MiB (header and a sample of values;
-    any re-conversion of other weights changes it)."""
-    t5_dir = Path(t5_dir)
-    h = hashlib.sha256(f"v{CACHE_VERSION} q{quantize}".encode())
-    for f in [t5_dir / "config.json", t5_dir / "tokenizer" / "tokenizer.json"]:
-        if not f.is_file():
-            raise OmnimatteError(f"{f}: missing (not a converted text encoder directory?)")
-        h.update(f.read_bytes())
-    for f in _weight_files(t5_dir):
-        try:
-            size = f.stat().st_size
-            with open(f, "rb") as fh:
-                head = fh.read(1 << 20)
-                fh.seek(max(0, size - (1 << 20)))
-                tail = fh.read()
-        except OSError:
-            raise OmnimatteError(f"{f}: missing weight file") from None
-        h.update(f"{f.name}:{size}".encode() + head + tail)
-    return h.hexdigest()[:24]
+    """The text encoder's identity (`weights.fingerprint`, its tokenizer
+    included) under this cache's version and quantization."""
+    return fingerprint(t5_dir, ["tokenizer/tokenizer.json"], f"v{CACHE_VERSION} q{quantize}")
 
 
-def _cache_file(root: Path, fingerprint: str, text: str) -> Path:
-    return root / fingerprint / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+def _cache_file(root: Path, key: str, text: str) -> Path:
+    return root / key / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
 
 
 def _read_cached(path: Path, text: str) -> mx.array | None:

@@ -27,6 +27,7 @@ from ..io.inputs import Clip, ClipSpec, read_clip, read_frames, resolve_clip
 from ..io.video import IMAGE_EXTENSIONS, FrameStream, probe_video, read_video
 from ..memory import machine_memory
 from ..progress import Progress, Report
+from ..step_cache import expected_forwards, parse_cache
 from ..weights import BUNDLE_COMPONENTS, read_config
 from .omnimatte import Layers, run_decompose
 from .optimize import AGAINST, PLATE, OptimizeSettings, check_optimize, fit_plate
@@ -35,6 +36,7 @@ from .plan import Outputs, RunPlan, check_fits, plan_plate, plan_run
 from .removal import removal_targets, run_removal
 from .conditioning import remover_prompt
 from .settings import Mode, Settings, apply_remover, experts_needed, settings_from
+from .stages import bundle_calibration
 from .two_stage import SOLVERS, run_two_stage, run_with_plate, solo_targets
 
 REMOVE_TARGETS = ("all", "each", "both")
@@ -72,14 +74,17 @@ class Prepared:
     plan: RunPlan
     machine: int
     costs: list[StageCost] = field(default_factory=list)
+    cache: str = ""  # the step cache's expected forwards, a line for the plan and the run's header
+    notes: list[str] = field(default_factory=list)  # one-line notices (a calibration ignored)
 
     @property
     def seconds(self) -> float:
         return sum(c.seconds for c in self.costs)
 
     def render(self) -> str:
-        """The plan as `--dry-run` prints it: memory per stage, then time."""
-        lines = [self.plan.render(self.machine), *render_costs(self.costs)]
+        """The plan as `--dry-run` prints it: memory per stage, the step
+        cache's expected forwards, then time."""
+        lines = [self.plan.render(self.machine), *([self.cache] if self.cache else []), *render_costs(self.costs)]
         advice = long_run_advice(self.seconds, self.request.mode, self.request.solver, self.request.solo)
         return "\n".join(lines + ([advice] if advice else []))
 
@@ -217,9 +222,14 @@ def prepare(request: Request) -> Prepared:
     cached = prompt is None or prompt_cached(b.path("t5"), prompt, s.cache_dir)
     plan = plan_run(request.mode, grid, request.clip.num_objects, b, s, cached, request.outputs,
                     trajectories(request))
+    calibration, note = bundle_calibration(b, s)  # a broken calibration is refused here, before any weight
+    spec = parse_cache(s.cache)
+    expect = expected_forwards(spec, s.steps, calibration, s.sampler, s.shift)
     req = cost_request(request)
-    costs = run_costs(req, grid, machine_rates(probes_for(req)), b, s, plan.windows, plan.tokens, cached)
-    return Prepared(request, b, plan, machine_memory(), costs)
+    costs = run_costs(req, grid, machine_rates(probes_for(req)), b, s, plan.windows, plan.tokens, cached,
+                      expect.computed / expect.steps)
+    return Prepared(request, b, plan, machine_memory(), costs, expect.line(spec) if spec.enabled else "",
+                    [note] if note else [])
 
 
 def trajectories(request: Request) -> int:

@@ -235,10 +235,11 @@ def solver_cost(grid: GridPlan, objects: int, rates: Rates, solver: str, opt: Op
 
 def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_bytes: dict, steps: int, windows: int,
                 tokens: int, trajectories: int, dtype: str, rates: Rates, prompt_cached: bool,
-                vae_base: int = 96, encodes: int = 1) -> list[StageCost]:
+                vae_base: int = 96, encodes: int = 1, computed: float = 1.0) -> list[StageCost]:
     """The model stages of removal, two-stage and experts runs; `encodes`:
     videos the VAE encodes (MiniMax-Remover: two per trajectory); the image
-    encoder only when `bundle_bytes` has one."""
+    encoder only when `bundle_bytes` has one; `computed`: the share of DiT
+    forwards a step cache is expected to compute."""
     rate = rates.flops(dtype)
     conv = rates.flops("float32") * CONV_EFFICIENCY
     px = grid.width * grid.height * grid.frames
@@ -253,9 +254,10 @@ def model_costs(mode: Mode, grid: GridPlan, objects: int, cfg: dict, bundle_byte
         out.append(StageCost("image encoder", f"{IMAGE_TOKENS} tokens", 2 * clip * IMAGE_TOKENS / rate + ENCODER_START))
     out.append(StageCost("vae encode", f"{encodes} x {grid.frames} frames" if encodes > 1 else f"{grid.frames} frames",
                          encodes * px * vae_flops_per_pixel(vae_base) / conv))
-    seconds = forwards * dit_forward_flops(cfg, tokens) / (rate * DIT_EFFICIENCY)
-    out.append(StageCost("denoise", f"{forwards} DiT forwards ({trajectories} trajectories x {steps} steps x "
-                                    f"{windows} windows, {tokens} tokens)", seconds))
+    seconds = forwards * computed * dit_forward_flops(cfg, tokens) / (rate * DIT_EFFICIENCY)
+    cached = f", ~{forwards * computed:.0f} computed (step cache, expected)" if computed < 1 else ""
+    out.append(StageCost("denoise", f"{forwards} DiT forwards{cached} ({trajectories} trajectories x {steps} "
+                                    f"steps x {windows} windows, {tokens} tokens)", seconds))
     decodes = trajectories * (2 if mode is Mode.EXPERTS else 1)
     out.append(StageCost("vae decode", f"{decodes} x {grid.frames} frames",
                          decodes * px * vae_flops_per_pixel(vae_base, decode=True) / conv))
@@ -279,9 +281,11 @@ def probes_for(req: CostRequest) -> tuple[str, ...]:
 
 
 def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | None = None, settings=None,
-              windows: int = 1, tokens: int = 0, prompt_cached: bool = True) -> list[StageCost]:
+              windows: int = 1, tokens: int = 0, prompt_cached: bool = True,
+              computed: float = 1.0) -> list[StageCost]:
     """Every stage of the run, in order, with its work and estimated seconds
-    (the first: the start-up this process has already spent, its imports)."""
+    (the first: the start-up this process has already spent, its imports);
+    `computed`: the share of DiT forwards a step cache is expected to compute."""
     read, write = io_costs(grid, 1 + req.objects + req.plate_video,
                            req.trajectories if req.mode is Mode.REMOVE else req.objects, rates)
     solve = [solver_cost(grid, req.objects, rates, req.solver, req.optimize)] if req.solver in ("fast", "unet") else []
@@ -296,7 +300,7 @@ def run_costs(req: CostRequest, grid: GridPlan, rates: Rates, bundle: Bundle | N
     vae_base = bundle.config("vae").get("base_dim", 96)
     model = model_costs(req.mode, grid, req.objects, cfg, sizes, settings.steps, windows, tokens,
                         req.trajectories, settings.dtype, rates, prompt_cached, vae_base,
-                        2 * req.trajectories if remover.condition == "grey-hole" else 1)
+                        2 * req.trajectories if remover.condition == "grey-hole" else 1, computed)
     return [start, read, *model, *solve, write]
 
 

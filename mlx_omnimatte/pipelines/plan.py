@@ -209,6 +209,8 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
     vae_cfg = bundle.config("vae")
     vae_weights = bundle.weight_bytes("vae")
     latent_bytes = grid.latent_frames * lat_h * lat_w * 16 * 4 * (3 + 3 * halves)
+    # a step cache keeps one float32 residual of the block stack per window
+    residuals = num_windows(grid.latent_frames, settings) * tokens * cfg["dim"] * 4 if settings.cache != "none" else 0
     outputs = outputs or Outputs()
     encoders = bundle.remover.encoders  # a remover without text or image branch loads no encoder for it
     host = host_bytes(mode, grid, objects, outputs, trajectories)
@@ -218,8 +220,8 @@ def plan_run(mode: Mode, grid: GridPlan, objects: int, bundle: Bundle, settings:
         StagePlan("read video", 0, 0, host["read"]),
         *_encoder_stages(bundle, encoders, prompt_cached, host["model"]),
         _vae_stage("encode", grid, vae_cfg, vae_weights, settings, 0, host["model"]),
-        StagePlan("denoise", dit_weights + vae_weights, _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes,
-                  host["model"]),
+        StagePlan("denoise", dit_weights + vae_weights,
+                  _dit_activations(cfg, tokens, dtype_bytes) + latent_bytes + residuals, host["model"]),
         _vae_stage("decode", grid, vae_cfg, vae_weights, settings, 0, host["decode"]),
         StagePlan("write", 0, 0, host["write"]),
     ]

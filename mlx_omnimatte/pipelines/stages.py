@@ -23,10 +23,11 @@ from ..encoders.image import clip_features
 from ..encoders.text import encode_prompts
 from ..errors import OmnimatteError
 from ..io.inputs import Clip
+from ..memory import buffer_cache
 from ..progress import Report, stage
 from ..sampling import make_sampler, sample
-from ..step_cache import Calibration, Recorder, attached, new_cache, parse_cache, read_calibration
 from ..removers import Remover
+from ..step_cache import Calibration, Recorder, attached, current_calibration, new_cache, parse_cache
 from ..weights import load_model
 from .conditioning import (CLIP_TOKENS, Conditioning, grey_hole_channels, model_masks, model_video, plan_for,
                            removal_mask, remover_prompt, trajectory_channels)
@@ -156,7 +157,8 @@ def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, rep
                 cache.step_done(i, v)
             return v
 
-        return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
+        with buffer_cache():
+            return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
 
 
 def _at_step(window_velocity, cache, step: int):
@@ -236,11 +238,13 @@ def sample_trajectory(dit, spec: ModeSpec, y, ctx, z: list, settings: Settings, 
     return list(out) if len(z) > 1 else [out]
 
 
-def bundle_calibration(bundle: Bundle, settings: Settings) -> Optional[Calibration]:
-    """The bundle's own step-cache figures when a cache is asked for and it has them."""
+def bundle_calibration(bundle: Bundle, settings: Settings) -> tuple[Optional[Calibration], Optional[str]]:
+    """The bundle's own step-cache figures when a cache is asked for and it has
+    them for its weights; else None, with a one-line note when a calibration
+    of other weights is ignored."""
     if not parse_cache(settings.cache).enabled:
-        return None
-    return read_calibration(bundle.path("transformer"))
+        return None, None
+    return current_calibration(bundle.path("transformer"))
 
 
 def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, report: Report = None,
@@ -248,7 +252,7 @@ def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, r
     """Run a mode's trajectories; returns (grid plan, {label: {name: decoded
     video [T, H, W, 3] in [0, 1] on the model grid}}), the latents of each
     trajectory decoded under the names of `decode_as`."""
-    calibration = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
+    calibration, _ = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
     vae = load_stage(bundle, "vae", report)
     cond = encode_conditioning(clip, bundle, vae, settings, report, spec.trajectories)
     dit = load_stage(bundle, "transformer", report, settings.dtype)

@@ -17,7 +17,6 @@ Sample files are written one at a time, each atomically, so an interrupted
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,26 +26,13 @@ import numpy as np
 
 from ..errors import OmnimatteError
 from ..jsonfile import read_json
+from ..weights import fingerprint
 
 FORMAT = "mlx-omnimatte-latent-cache"
 VERSION = 1
 MANIFEST = "cache.json"
 ENCODERS = ("vae", "t5", "clip")  # the components a cache's contents depend on
 TRAIN_KEYS = ("cond", "alpha", "bg", "context", "clip")
-
-
-def fingerprint(component_dir) -> str:
-    """A cheap identity of a converted component: its config, and per weight
-    file its size and first/last MiB."""
-    d = Path(component_dir)
-    h = hashlib.sha256((d / "config.json").read_bytes() if (d / "config.json").is_file() else b"")
-    for f in sorted(d.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(1 << 20)
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(f"{f.name}:{size}".encode() + head + fh.read())
-    return h.hexdigest()[:24]
 
 
 def bundle_identity(bundle) -> dict[str, str]:

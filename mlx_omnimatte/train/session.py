@@ -17,9 +17,9 @@ from ..bundle import open_bundle
 from ..errors import OmnimatteError
 from ..io.writers import atomic_output, check_output
 from ..progress import Report
-from ..weights import load_model
+from ..weights import fingerprint, load_model
 from . import distributed
-from .cache import ENCODERS, LatentCache, fingerprint
+from .cache import ENCODERS, LatentCache
 from .store import load_checkpoint, read_meta, save_checkpoint, write_expert_into
 from .trainer import TrainSettings, TrainState, train, trained_expert
 from .validate import ValidationSettings, validate
