@@ -36,9 +36,11 @@ def predicted_forwards(calibration: Calibration) -> list[str]:
 @click.option("--mask", "masks", multiple=True, help="Object mask video or frame folder (repeat per object).")
 @click.option("--caption", default=None, help="Caption of the clean background (default: prompt.json).")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Converted model bundle.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps of the reference run.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="euler", show_default=True)
-@click.option("--shift", type=float, default=5.0, show_default=True, help="Flow-matching sigma shift.")
+@click.option("--steps", type=int, default=None, help="Denoising steps of the reference run (default: the bundle "
+              "removal model's, e.g. 50 for Casper and ROSE, 12 for MiniMax-Remover).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="Sampler of the reference run (default: the removal model's).")
+@click.option("--shift", type=float, default=None, help="Flow-matching sigma shift (default: the removal model's).")
 @click.option("--seed", type=int, default=43, show_default=True, help="Seed of the starting noise.")
 @click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area).")
 @click.option("--frames", type=int, default=None, help="Use only the first N frames.")
