@@ -39,7 +39,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -252,7 +252,8 @@ def run_stages(clip: Clip, bundle: Bundle, spec: ModeSpec, settings: Settings, r
     """Run a mode's trajectories; returns (grid plan, {label: {name: decoded
     video [T, H, W, 3] in [0, 1] on the model grid}}), the latents of each
     trajectory decoded under the names of `decode_as`."""
-    calibration, _ = bundle_calibration(bundle, settings)  # a broken file stops the run before any weight loads
+    # a broken calibration file stops the run before any weight loads
+    calibration, _ = bundle_calibration(bundle, settings)
     vae = load_stage(bundle, "vae", report)
     cond = encode_conditioning(clip, bundle, vae, settings, report, spec.trajectories)
     dit = load_stage(bundle, "transformer", report, settings.dtype)
