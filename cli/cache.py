@@ -12,7 +12,7 @@ from mlx_omnimatte.pipelines.removal import ALL, dit_velocity
 from mlx_omnimatte.pipelines.settings import Mode, settings_from
 from mlx_omnimatte.pipelines.stages import ModeSpec, Trajectory, run_calibration
 from mlx_omnimatte.progress import Progress
-from mlx_omnimatte.sampling import SAMPLERS
+from mlx_omnimatte.sampling import DEFAULT_SEED, SAMPLERS
 from mlx_omnimatte.step_cache import CALIBRATED, PUBLISHED, Calibration, make_policy, parse_cache, schedule
 
 # what the summary predicts: the default threshold of each cache
@@ -39,15 +39,17 @@ def predicted_forwards(calibration: Calibration) -> list[str]:
 @click.option("--caption", default=None, help="Caption of the clean background (default: prompt.json).")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Converted model bundle.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps of the reference run.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="euler", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="euler", show_default=True,
+              help="Flow-matching sampler of the reference run.")
 @click.option("--shift", type=float, default=5.0, show_default=True, help="Flow-matching sigma shift.")
-@click.option("--seed", type=int, default=43, show_default=True, help="Seed of the starting noise.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="Seed of the starting noise (the reference's).")
 @click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area).")
 @click.option("--frames", type=int, default=None, help="Use only the first N frames.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="DiT weight/matmul precision.")
 @click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def calibrate_cache(input, masks, caption, bundle, frames, quiet, **settings):
     """Run one removal trajectory with every DiT forward computed and store
     the bundle's own step-cache figures in BUNDLE/transformer/step_cache.json:

@@ -76,6 +76,15 @@ def cli():
     """
 
 
+def _kept(e: BaseException) -> str:
+    """What an interrupted command leaves: nothing, unless it says (a
+    training run keeps its checkpoint)."""
+    for cause in (e, e.__cause__):  # click turns Ctrl-C into an Abort raised from it
+        if hasattr(cause, "kept"):
+            return cause.kept
+    return "nothing was written"
+
+
 def main(argv=None):
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -83,11 +92,11 @@ def main(argv=None):
     except OmnimatteError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: nothing was written", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        click.echo(f"interrupted: {_kept(e)}", err=True)
         sys.exit(130)
     except Terminated as e:
-        click.echo(f"terminated by {signal.Signals(e.signum).name}: nothing was written", err=True)
+        click.echo(f"terminated by {signal.Signals(e.signum).name}: {_kept(e)}", err=True)
         sys.exit(128 + e.signum)
     except click.ClickException as e:
         e.show()

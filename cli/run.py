@@ -14,12 +14,13 @@ from mlx_omnimatte.io.writers import check_output, check_space
 from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan, choose_mode,
                                           execute, prepare)
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
-from mlx_omnimatte.pipelines.optimize import OptimizeSettings
+from mlx_omnimatte.pipelines.optimize import PLATE_MILESTONES, OptimizeSettings
 from mlx_omnimatte.pipelines.outputs import listing, write_decomposition, write_removal
 from mlx_omnimatte.pipelines.plan import Outputs
 from mlx_omnimatte.pipelines.settings import Mode, settings_from
 from mlx_omnimatte.pipelines.two_stage import SOLVERS
 from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.sampling import DEFAULT_SEED
 
 # shared options of the two generating commands
 _COMMON = [
@@ -31,10 +32,12 @@ _COMMON = [
     click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Converted model bundle."),
     click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder."),
     click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps."),
-    click.option("--seed", type=int, default=43, show_default=True,
-                 help="Seed of the starting noise, an integer in [0, 2^64): the same seed gives the same result."),
+    click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+                 help="Seed of the starting noise, an integer in [0, 2^64) (the reference's): the same seed "
+                      "gives the same result."),
     click.option("--shift", type=float, default=5.0, show_default=True, help="Flow-matching sigma shift."),
-    click.option("--sampler", type=click.Choice(["euler", "unipc"]), default="euler", show_default=True),
+    click.option("--sampler", type=click.Choice(["euler", "unipc"]), default="euler", show_default=True,
+                 help="Flow-matching sampler: euler (the reference's) or unipc (order 2: about half the steps)."),
     click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area)."),
     click.option("--frames", type=int, default=None, help="Use only the first N frames."),
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
@@ -201,7 +204,8 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--iterations", type=click.IntRange(0), default=OptimizeSettings.iterations, show_default=True,
               help="U-Net optimization steps (--layer-solver unet). Two-stage: the reference's schedule "
                    "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it; clean "
-                   "plate: lr x0.1 at 70% and 90%, supervision towards the plate's least alpha throughout.")
+                   f"plate: lr x0.1 at {' and '.join(f'{round(100 * f)}%' for f in PLATE_MILESTONES)}, "
+                   "supervision towards the plate's least alpha throughout.")
 @click.option("--batch-frames", type=click.IntRange(1), default=OptimizeSettings.batch_frames, show_default=True,
               help="Consecutive frames per optimization step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=OptimizeSettings.lr, show_default=True,

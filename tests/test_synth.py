@@ -12,6 +12,7 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
 from mlx_omnimatte.io.truth import read_truth
 from mlx_omnimatte.io.writers import write_png_frames
+from mlx_omnimatte.sampling import DEFAULT_SEED
 
 
 def _recompose_all(clip):
@@ -275,7 +276,7 @@ def test_cli_effects_and_plate(tmp_path):
     assert load_clip_folder(tmp_path / "fx").frames.shape == (3, 48, 64, 3)
     plate = sorted((tmp_path / "fx" / "truth" / "background_removal").iterdir())
     assert [p.name for p in plate] == ["00000.png", "00001.png", "00002.png"]
-    clip = synth.make_clip(0, frames=3, size=(64, 48), objects=3, effects=["reflection", "light"], plate="removal")
+    clip = synth.make_clip(DEFAULT_SEED, frames=3, size=(64, 48), objects=3, effects=["reflection", "light"], plate="removal")
     with Image.open(plate[2]) as im:
         np.testing.assert_array_equal(np.asarray(im), clip.removal_plate[2])
     r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "plain"), "--frames", "2", "--size", "32x32", "-q"])
