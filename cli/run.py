@@ -20,6 +20,7 @@ from mlx_omnimatte.pipelines.plan import Outputs
 from mlx_omnimatte.pipelines.settings import Mode, settings_from
 from mlx_omnimatte.pipelines.two_stage import SOLVERS
 from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.prompts import TEXT_LEN, prompt_tokens
 from mlx_omnimatte.sampling import DEFAULT_SEED
 
 # shared options of the two generating commands
@@ -125,6 +126,7 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     prepared = prepare(request)
     check_space(out, prepared.plan.disk)
     spec = request.clip
+    _say_cut_caption(prepared)  # a warning, also under --quiet
     if not quiet:
         if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
             click.echo(f"{spec.source}: no prompt.json and no --caption: an empty caption is used", err=True)
@@ -251,6 +253,19 @@ def _fit_batch(request: Request, quiet: bool) -> None:
         if not quiet:
             click.echo(f"--batch-frames {opt.batch_frames}: the clip has {frames} frames; using {frames}", err=True)
         request.optimize = replace(opt, batch_frames=frames)
+
+
+def _say_cut_caption(prepared) -> None:
+    """A caption longer than the text encoder reads is cut: one line says so."""
+    caption = prepared.request.clip.caption
+    if prepared.bundle is None or not caption:
+        return
+    n = prompt_tokens(prepared.bundle.path("t5"), caption)
+    if n > TEXT_LEN:
+        spec = prepared.request.clip
+        where = "--caption" if spec.caption_from == "given" else spec.source / spec.caption_from
+        click.echo(f"{where}: {n} tokens ({len(caption)} characters); only the first {TEXT_LEN} are used "
+                   "(the text encoder's limit)", err=True)
 
 
 def method_line(request: Request) -> str:

@@ -181,7 +181,7 @@ def test_lora_and_transformer_swapped(dit, folder, tmp_path, capsys):
     lora = tmp_path / "lora.safetensors"
     save_file(lora_keys(random_lora({"blocks.0.ffn.2": shapes["blocks.0.ffn.2"]}), "videox"), str(lora))
     refused(capsys, tmp_path / "o", "convert", path, "--lora", path, contains=["not a LoRA file", "transformer"])
-    refused(capsys, tmp_path / "o", "convert", lora, "--lora", lora, contains=["--lora", "this is a expert"])
+    refused(capsys, tmp_path / "o", "convert", lora, "--lora", lora, contains=["--lora", "this is an expert"])
     refused(capsys, tmp_path / "o", "convert", folder, "--transformer", lora,
             contains=["not a transformer checkpoint"])
     refused(capsys, tmp_path / "o", "convert", folder, "--transformer-lora", path, contains=["not a LoRA file"])

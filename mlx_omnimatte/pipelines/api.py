@@ -19,7 +19,7 @@ from PIL import Image
 from ..branch.experts import KINDS
 from ..bundle import COMPONENTS, Bundle, check_expert_fits, open_bundle
 from ..compositing import as_float
-from ..errors import OmnimatteError
+from ..errors import OmnimatteError, article
 from ..io.compose import FIT_MODES
 from ..io.grid import GridVideo, plan_grid, resize_frames
 from ..io.inputs import ClipSpec, read_clip, read_frames, resolve_clip
@@ -150,7 +150,8 @@ def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
             raise OmnimatteError(f"--expert {kind}={path}: not an expert directory")
         given = read_config(Path(path)).get("kind") if (Path(path) / "config.json").is_file() else None
         if given not in (None, kind):
-            raise OmnimatteError(f"--expert {kind}={path}: that is a {given} expert (give it as {given}={path})")
+            raise OmnimatteError(f"--expert {kind}={path}: that is {article(given)} expert "
+                                 f"(give it as {given}={path})")
     experts = {**bundle.manifest.get("experts", {}), **{k: str(Path(p).resolve()) for k, p in expert_dirs.items()}}
     return Bundle(bundle.root, {**bundle.manifest, "experts": experts})
 
