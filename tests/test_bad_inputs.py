@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
+from mlx_omnimatte.io import writers
 from mlx_omnimatte.io.video import read_video
 from mlx_omnimatte.pipelines import two_stage
 from mlx_omnimatte.synth import make_clip, write_clip
 from helpers import assert_refused, run_cli
-from tiny_models import tiny_bundle
+from tiny_models import dit_state, tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +182,21 @@ def test_a_cut_caption_is_said_in_one_line(clip, bundle, tmp_path, capsys):
     code, _, err = run_cli(["remove", clip / "input_video", "--mask", clip / "mask_00", "--caption", "a beach",
                             "--bundle", bundle, "-o", out, "--quiet", "--dry-run", "--size", "64x48"], capsys)
     assert code == 0 and "only the first" not in err
+
+
+@pytest.mark.parametrize("free, reason", [(0, "No space left on device"),
+                                          (1 << 40, "[write] Unable to write 8 bytes to file.")])
+def test_convert_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, free, reason):
+    src = tmp_path / "casper.safetensors"
+    save_file(dit_state(7), str(src))
+    def full(path, arrays, metadata=None):  # what MLX does when the disk fills: a torn file, a RuntimeError
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(writers, "free_bytes", lambda folder: free)
+    out = tmp_path / "out"
+    assert_refused(["convert", src, "-o", out, "--component", "transformer"], capsys,
+                   f"{out}: writing failed ({reason}); nothing was written", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["casper.safetensors"]

@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import OmnimatteError
+from ..io.writers import save_safetensors
 
 FORMAT = "mlx-omnimatte-latent-cache"
 VERSION = 1
@@ -60,7 +61,7 @@ def write_sample(root: Path, index: int, arrays: dict, meta: dict) -> None:
     path = sample_file(root, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={k: str(v) for k, v in meta.items()})
+    save_safetensors(tmp, arrays, {k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
 
 
