@@ -27,7 +27,8 @@ from mlx_omnimatte.sampling import DEFAULT_SEED
 _COMMON = [
     click.argument("input", type=click.Path(path_type=Path)),
     click.option("--mask", "masks", multiple=True,
-                 help="Object mask video or frame folder, as PATH or NAME=PATH (repeat per object). "
+                 help="Object mask video or frame folder, as PATH or NAME=PATH (repeat per object); the "
+                      "outputs are OUT/object_NAME/, NAME by default the file's name (mask_NN: NN). "
                       "Not needed for a clip folder."),
     click.option("--caption", default=None, help="Caption of the clean background (default: prompt.json)."),
     click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Converted model bundle."),
