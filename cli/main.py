@@ -29,6 +29,7 @@ COMMANDS = {
     "export": "mlx_omnimatte.cli.train:export",
     "analyze": "mlx_omnimatte.cli.analyze:analyze",
     "calibrate-cache": "mlx_omnimatte.cli.cache:calibrate_cache",
+    "tiny-bundle": "mlx_omnimatte.cli.tiny:tiny_bundle",
 }
 
 
@@ -68,6 +69,8 @@ def cli():
           --effect reflection --plate removal
       mlx-omnimatte decompose clips/synth --clean-plate clips/synth/truth/background_removal -o out/synth
       mlx-omnimatte evaluate out/synth --clip clips/synth --truth clips/synth/truth
+    Without a download (random weights: the outputs mean nothing, for trying the commands):
+      mlx-omnimatte tiny-bundle -o models/tiny --experts
     With converted weights:
       mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer casper.safetensors -o models/casper-1.3b
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
