@@ -18,13 +18,13 @@ from PIL import Image
 
 from mlx_omnimatte import synth
 from mlx_omnimatte.analysis import block_scores, key_mass, partition, probe_attn_fn
-from mlx_omnimatte.cli import main as cli_main
 from mlx_omnimatte.io.writers import write_png_frames
 from mlx_omnimatte.models.base import sdpa
 from mlx_omnimatte.models.wan import transformer
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.grid import plan_grid
 from mlx_omnimatte.pipelines.analyze import EFFECT_THRESHOLD, effect_region, find_clips, token_coverage
+from helpers import run_cli
 from tiny_models import DIT, write_fun_folder
 
 
@@ -199,13 +199,9 @@ def data(tmp_path_factory):
 
 
 def run_main(args, capsys=None):
-    try:
-        cli_main.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr() if capsys is not None else None
-    return code, out
+    """(exit status, the captured output) of the CLI (`helpers.run_cli`)."""
+    code, _, _ = run_cli(args)
+    return code, capsys.readouterr() if capsys is not None else None
 
 
 ARGS = ["--size", "128x96", "--quiet", "--dtype", "float32"]  # token grid 2 x 6 x 8

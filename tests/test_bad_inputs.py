@@ -200,4 +200,3 @@ def test_convert_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, fre
     assert_refused(["convert", src, "-o", out, "--component", "transformer"], capsys,
                    f"{out}: writing failed ({reason}); nothing was written", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["casper.safetensors"]
-
