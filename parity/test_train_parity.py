@@ -19,8 +19,7 @@ pytest.importorskip("peft")
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
-from mlx_omnimatte.cli.main import main  # noqa: E402
+from helpers import rel_err, run_cli  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import Config  # noqa: E402
 from mlx_omnimatte.train.trainer import (TrainSettings, global_gradients, make_grad_fn, micro_batch,  # noqa: E402
                                          new_state, step_plan, train_step)
@@ -58,9 +57,7 @@ def nonzero_lora(state, seed=5):
 def dit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train-parity")
     src = write_format(build_reference(TINY, seed=1), folder, "original", "safetensors")
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(src), "-o", str(folder / "dit"), "--dtype", "float32"])
-    assert e.value.code == 0
+    assert run_cli(["convert", str(src), "-o", str(folder / "dit"), "--dtype", "float32"])[0] == 0
     return load_model(folder / "dit", "transformer")
 
 
