@@ -13,6 +13,7 @@ from mlx_omnimatte.io.writers import check_output
 from mlx_omnimatte.pipelines.analyze import DEFAULT_T, check_t, run_analysis, summary_text, write_report
 from mlx_omnimatte.pipelines.settings import Settings
 from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.sampling import DEFAULT_SEED
 
 
 @click.command("analyze")
@@ -26,7 +27,7 @@ from mlx_omnimatte.progress import Progress
 @click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="DiT weight/matmul precision.")
-@click.option("--seed", type=int, default=43, show_default=True, help="Seed of the noise.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the noise (the reference's).")
 @click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

@@ -10,7 +10,7 @@ from mlx_omnimatte.pipelines.api import check_plan, prepare, read_input, remove_
 from mlx_omnimatte.pipelines.removal import ALL, dit_velocity
 from mlx_omnimatte.pipelines.stages import ModeSpec, Trajectory, run_calibration
 from mlx_omnimatte.progress import Progress
-from mlx_omnimatte.sampling import SAMPLERS
+from mlx_omnimatte.sampling import DEFAULT_SEED, SAMPLERS
 from mlx_omnimatte.step_cache import CALIBRATED, PUBLISHED, Calibration, make_policy, parse_cache, schedule
 
 # what the summary predicts: the default threshold of each cache
@@ -41,13 +41,14 @@ def predicted_forwards(calibration: Calibration) -> list[str]:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
               help="Sampler of the reference run (default: the removal model's).")
 @click.option("--shift", type=float, default=None, help="Flow-matching sigma shift (default: the removal model's).")
-@click.option("--seed", type=int, default=43, show_default=True, help="Seed of the starting noise.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="Seed of the starting noise (the reference's).")
 @click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area).")
 @click.option("--frames", type=int, default=None, help="Use only the first N frames.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="DiT weight/matmul precision.")
 @click.option("--cache-dir", default=None, help="Prompt-embedding cache (env MLX_OMNIMATTE_CACHE).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def calibrate_cache(input, masks, caption, bundle, frames, quiet, **settings):
     """Run one removal trajectory with every DiT forward computed and store
     the bundle's own step-cache figures in BUNDLE/transformer/step_cache.json:

@@ -26,7 +26,7 @@ from mlx_omnimatte.convert.prechecks import check_bundle_inputs
 from mlx_omnimatte.convert.quantize import GROUP_SIZES
 from mlx_omnimatte.convert.readers import read_checkpoint
 from mlx_omnimatte.convert.writer import write_converted
-from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.errors import OmnimatteError, article
 from mlx_omnimatte.io.writers import check_output
 from mlx_omnimatte.models.base import DTYPES
 from mlx_omnimatte.weights import COMPONENTS
@@ -70,9 +70,10 @@ def _single(src: str, out: Path, options: dict, overwrite: bool) -> None:
              if options[key] is not None}
     if given and spec.component != "expert":
         flag = "expert-kind" if next(iter(given)) == "kind" else next(iter(given)).replace("_", "-")
-        raise OmnimatteError(f"{src}: --{flag} applies to expert LoRA files, this is a {spec.component}")
+        raise OmnimatteError(f"{src}: --{flag} applies to expert LoRA files, this is {article(spec.component)}")
     if options["loras"] and spec.component != "transformer":
-        raise OmnimatteError(f"{src}: --lora merges into a transformer checkpoint, this is a {spec.component}")
+        raise OmnimatteError(f"{src}: --lora merges into a transformer checkpoint, "
+                             f"this is {article(spec.component)}")
     bits = parse_quantize(options["quantize"])
     if set(bits) - {None}:
         raise OmnimatteError(f"{src}: --quantize COMPONENT=BITS is for bundles; give --quantize BITS")

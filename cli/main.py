@@ -30,6 +30,7 @@ COMMANDS = {
     "analyze": "mlx_omnimatte.cli.analyze:analyze",
     "calibrate-cache": "mlx_omnimatte.cli.cache:calibrate_cache",
     "mask": "mlx_omnimatte.cli.mask:mask",
+    "tiny-bundle": "mlx_omnimatte.cli.tiny:tiny_bundle",
 }
 
 
@@ -71,12 +72,24 @@ def cli():
       mlx-omnimatte evaluate out/synth --clip clips/synth --truth clips/synth/truth
     Masks from a few words (needs the extra: pip install "mlx-omnimatte[masks]"):
       mlx-omnimatte mask beach.mp4 --text "a boy" -o clips/beach
+
+    Without a download (random weights: the outputs mean nothing, for trying the commands):
+      mlx-omnimatte tiny-bundle -o models/tiny --experts
     With converted weights:
       mlx-omnimatte convert alibaba-pai/Wan2.1-Fun-1.3B-InP --transformer casper.safetensors -o models/casper-1.3b
       mlx-omnimatte remove clips/boys-beach --bundle models/casper-1.3b -o out/beach
       mlx-omnimatte decompose clips/boys-beach --bundle models/omnimatte-1.3b -o out/beach
       mlx-omnimatte composite out/beach/object_00/layer --background sunset.jpg -o out/sunset.mp4
     """
+
+
+def _kept(e: BaseException) -> str:
+    """What an interrupted command leaves: nothing, unless it says (a
+    training run keeps its checkpoint)."""
+    for cause in (e, e.__cause__):  # click turns Ctrl-C into an Abort raised from it
+        if hasattr(cause, "kept"):
+            return cause.kept
+    return "nothing was written"
 
 
 def main(argv=None):
@@ -86,11 +99,11 @@ def main(argv=None):
     except OmnimatteError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: nothing was written", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        click.echo(f"interrupted: {_kept(e)}", err=True)
         sys.exit(130)
     except Terminated as e:
-        click.echo(f"terminated by {signal.Signals(e.signum).name}: nothing was written", err=True)
+        click.echo(f"terminated by {signal.Signals(e.signum).name}: {_kept(e)}", err=True)
         sys.exit(128 + e.signum)
     except click.ClickException as e:
         e.show()

@@ -7,24 +7,27 @@ from pathlib import Path
 
 import click
 
+from mlx_omnimatte.encoders.text import TEXT_LEN, prompt_tokens
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.compose import FIT_MODES
+from mlx_omnimatte.io.outputs import listing, write_decomposition, write_removal
 from mlx_omnimatte.io.writers import check_not_input, check_output, check_space
 from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan,
                                           decompose_request, execute, prepare, remove_request)
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
-from mlx_omnimatte.pipelines.optimize import OptimizeSettings
-from mlx_omnimatte.io.outputs import listing, write_decomposition, write_removal
+from mlx_omnimatte.pipelines.optimize import PLATE_MILESTONES, OptimizeSettings
 from mlx_omnimatte.pipelines.plan import Outputs
 from mlx_omnimatte.pipelines.settings import Mode
 from mlx_omnimatte.pipelines.two_stage import SOLVERS
 from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.sampling import DEFAULT_SEED
 
 # shared options of the two generating commands
 _COMMON = [
     click.argument("input", type=click.Path(path_type=Path)),
     click.option("--mask", "masks", multiple=True,
-                 help="Object mask video or frame folder, as PATH or NAME=PATH (repeat per object). "
+                 help="Object mask video or frame folder, as PATH or NAME=PATH (repeat per object); the "
+                      "outputs are OUT/object_NAME/, NAME by default the file's name (mask_NN: NN). "
                       "Not needed for a clip folder."),
     click.option("--caption", default=None, help="Caption of the clean background (default: prompt.json)."),
     click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Converted model bundle."),
@@ -32,13 +35,14 @@ _COMMON = [
     click.option("--steps", type=int, default=None,
                  help="Denoising steps (default: the bundle's removal model's: 50 for Casper and ROSE, 12 for "
                       "MiniMax-Remover)."),
-    click.option("--seed", type=int, default=43, show_default=True,
-                 help="Seed of the starting noise, an integer in [0, 2^64): the same seed gives the same result."),
+    click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+                 help="Seed of the starting noise, an integer in [0, 2^64) (the reference's): the same seed "
+                      "gives the same result."),
     click.option("--shift", type=float, default=None,
                  help="Flow-matching sigma shift (default: the bundle's removal model's, 5 for Casper and ROSE)."),
     click.option("--sampler", type=click.Choice(["euler", "unipc"]), default=None,
-                 help="Sampler (default: the bundle's removal model's: euler for Casper and ROSE, unipc for "
-                      "MiniMax-Remover)."),
+                 help="Flow-matching sampler (default: the bundle's removal model's: euler, the reference's, for "
+                      "Casper and ROSE; unipc, order 2, for MiniMax-Remover)."),
     click.option("--size", default=None, help="Model grid WxH, multiples of 16 (default: ~480x832 area)."),
     click.option("--frames", type=int, default=None, help="Use only the first N frames."),
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
@@ -119,6 +123,7 @@ def _execute(request: Request, out: Path, dry_run: bool, overwrite: bool, quiet:
     for note in prepared.notes:
         click.echo(note, err=True)
     spec = request.clip
+    _say_cut_caption(prepared)  # a warning, also under --quiet
     if not quiet:
         if spec.caption_from == "none" and spec.source != spec.video and request.mode is not Mode.PLATE:
             click.echo(f"{spec.source}: no prompt.json and no --caption: an empty caption is used", err=True)
@@ -202,7 +207,8 @@ def remove(input, masks, caption, bundle, out, frames, dry_run, overwrite, quiet
 @click.option("--iterations", type=click.IntRange(0), default=OptimizeSettings.iterations, show_default=True,
               help="U-Net optimization steps (--layer-solver unet). Two-stage: the reference's schedule "
                    "(lr x0.1 at 1/12, 1/6, 1/3; mask supervision for the first 1/6) scales with it; clean "
-                   "plate: lr x0.1 at 70% and 90%, supervision towards the plate's least alpha throughout.")
+                   f"plate: lr x0.1 at {' and '.join(f'{round(100 * f)}%' for f in PLATE_MILESTONES)}, "
+                   "supervision towards the plate's least alpha throughout.")
 @click.option("--batch-frames", type=click.IntRange(1), default=OptimizeSettings.batch_frames, show_default=True,
               help="Consecutive frames per optimization step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=OptimizeSettings.lr, show_default=True,
@@ -246,6 +252,19 @@ def _fit_batch(request: Request, quiet: bool) -> None:
         if not quiet:
             click.echo(f"--batch-frames {opt.batch_frames}: the clip has {frames} frames; using {frames}", err=True)
         request.optimize = replace(opt, batch_frames=frames)
+
+
+def _say_cut_caption(prepared) -> None:
+    """A caption longer than the text encoder reads is cut: one line says so."""
+    caption = prepared.request.clip.caption
+    if prepared.bundle is None or not caption:
+        return
+    n = prompt_tokens(prepared.bundle.path("t5"), caption)
+    if n > TEXT_LEN:
+        spec = prepared.request.clip
+        where = "--caption" if spec.caption_from == "given" else spec.source / spec.caption_from
+        click.echo(f"{where}: {n} tokens ({len(caption)} characters); only the first {TEXT_LEN} are used "
+                   "(the text encoder's limit)", err=True)
 
 
 def method_line(request: Request) -> str:

@@ -14,6 +14,7 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.writers import check_output, check_space
 from mlx_omnimatte.memory import format_bytes, machine_memory
 from mlx_omnimatte.progress import Progress
+from mlx_omnimatte.sampling import DEFAULT_SEED
 from mlx_omnimatte.synth import EFFECT_KINDS, PLATES, Source, make_clip, write_clip, write_dataset
 
 
@@ -40,8 +41,10 @@ def _check_size(out: Path, size: tuple[int, int], frames: int, objects: int, cou
 @click.command("synth")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
               help="Clip folder to write (with --count: a folder of clips 00000/, 00001/, ...).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (clip i uses seed + i).")
-@click.option("--frames", type=click.IntRange(1, 10000), default=21, show_default=True)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="Random seed (clip i uses seed + i; the default is every command's).")
+@click.option("--frames", type=click.IntRange(1, 10000), default=21, show_default=True,
+              help="Frames per clip (1-10000).")
 @click.option("--size", default="128x96", show_default=True, help="Width x height.")
 @click.option("--objects", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Foreground layers (mask_00 is the front-most).")

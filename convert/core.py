@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.errors import OmnimatteError, article
 from mlx_omnimatte.models.base import DTYPES
 from mlx_omnimatte.weights import COMPONENTS
 
@@ -87,8 +87,8 @@ def detect(ckpt: Checkpoint, component: str | None = None, fmt: str | None = Non
         match = [f for s, f in found if s.component == component]
         if fmt is None and not match:
             others = ", ".join(s.component for s, _ in found)
-            hint = f"it looks like a {others} checkpoint" if others else "its keys match no known layout"
-            raise OmnimatteError(f"{ckpt.source}: not a {component} checkpoint ({hint})")
+            hint = f"it looks like {article(others)} checkpoint" if others else "its keys match no known layout"
+            raise OmnimatteError(f"{ckpt.source}: not {article(component)} checkpoint ({hint})")
         fmt = fmt or match[0]
         if fmt not in spec.formats:
             raise OmnimatteError(f"{ckpt.source}: unknown format {fmt!r} for {component} ({', '.join(spec.formats)})")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_omnimatte.io.writers import atomic_output
+from mlx_omnimatte.io.writers import atomic_output, save_safetensors
 
 from .core import Converted
 
@@ -34,7 +34,7 @@ def write_converted_into(folder: Path, conv: Converted, metadata: dict, shard_by
 
     def flush(shard):
         path = folder / f"shard-{len(written):05d}.safetensors"
-        mx.save_safetensors(str(path), shard, metadata=meta)
+        save_safetensors(path, shard, meta)
         written.append((path, list(shard)))
 
     for name, arr in conv.tensors():

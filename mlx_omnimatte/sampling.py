@@ -29,6 +29,11 @@ from mlx.utils import tree_map
 
 from .errors import OmnimatteError
 
+# Every seed a user can give defaults to this one number: the reference's
+# (Generative Omnimatte's and Casper's inference scripts seed 43), also for
+# the synthetic clips, training and analysis, so "the default seed" means one thing.
+DEFAULT_SEED = 43
+
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0
 SAMPLERS = ("euler", "unipc")

@@ -65,6 +65,7 @@ from .io.truth import ALPHA_BITS, each_frame
 from .io.video import list_frame_files, read_video
 from .io.writers import PNG_COMPRESS, atomic_output, frame_name
 from .evaluation.metrics import gaussian_blur, gaussian_kernel
+from .sampling import DEFAULT_SEED
 
 FPS = 16.0
 PAD_RANGE = (0.3, 0.5)  # canvas padding each side, fraction of the width
@@ -899,7 +900,7 @@ def write_clip(clip: SynthClip, folder, overwrite: bool = False, meta: dict | No
     return folder
 
 
-def write_dataset(out, count: int, seed: int = 0, overwrite: bool = False, report=None,
+def write_dataset(out, count: int, seed: int = DEFAULT_SEED, overwrite: bool = False, report=None,
                   **make_clip_kwargs) -> Path:
     """``count`` clips ``out/00000/``, ... with seeds ``seed``, ``seed + 1``, ..."""
     out = Path(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import OmnimatteError
+from .errors import OmnimatteError, article
 from .jsonfile import read_json
 from .models.base import DTYPES, float32_scales, quantize_like
 
@@ -116,7 +116,7 @@ def load_model(path, component: str | None = None, dtype: str | None = None):
     path = Path(path)
     config = read_config(path)
     if component is not None and config["component"] != component:
-        raise OmnimatteError(f"{path}: holds a {config['component']}, not a {component}")
+        raise OmnimatteError(f"{path}: holds {article(config['component'])}, not {article(component)}")
     module = importlib.import_module(COMPONENTS[config["component"]].model)
     if hasattr(module, "load"):
         return module.load(path, config, load_weights(path))

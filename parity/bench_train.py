@@ -109,7 +109,7 @@ def bench_mlx(kind: str, dtype: str, args) -> dict:
 def bench_torch(kind: str, dtype: str, args) -> dict:
     import torch
 
-    import test_train_parity as tr
+    import train_reference as tr
     from wan_reference import build_reference
 
     torch.set_grad_enabled(True)

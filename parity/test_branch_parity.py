@@ -31,11 +31,10 @@ from branch_reference import (  # noqa: E402
 from wan_reference import build_reference, reference_forward, write_format  # noqa: E402
 
 from branch_utils import sample_layers  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import rel_err, run_cli  # noqa: E402
 from mlx_omnimatte.branch import branch_forward  # noqa: E402
 from mlx_omnimatte.pipelines.omnimatte import DualExpert  # noqa: E402
 from mlx_omnimatte.pipelines.settings import Settings  # noqa: E402
-from mlx_omnimatte.cli.main import main  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import PRESETS, Config  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 
@@ -47,9 +46,7 @@ WIDE = replace(PRESETS["fun-inp-1.3b"], num_layers=3)
 
 
 def convert_cli(src, out):
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(src), "-o", str(out), "--dtype", "float32"])
-    assert e.value.code == 0
+    assert run_cli(["convert", str(src), "-o", str(out), "--dtype", "float32"])[0] == 0
     return json.loads((out / "config.json").read_text())
 
 

@@ -26,8 +26,7 @@ import mlx.core as mx  # noqa: E402
 from step_cache_reference import MagCacheRule, TeaCacheRule, install, sample, smooth_time_embedding_  # noqa: E402
 from wan_reference import build_reference, make_inputs, write_format  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
-from mlx_omnimatte.cli.main import main  # noqa: E402
+from helpers import rel_err, run_cli  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import Config  # noqa: E402
 from mlx_omnimatte.pipelines.removal import dit_velocity  # noqa: E402
 from mlx_omnimatte.pipelines.stages import denoise  # noqa: E402
@@ -62,9 +61,8 @@ def case(tmp_path_factory):
     model = build_reference(CFG, seed=3)
     smooth_time_embedding_(model, KEEP_FROM)
     src = write_format(model, folder, "original", "safetensors")
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(src), "-o", str(folder / "mlx"), "--dtype", "float32"])
-    assert e.value.code == 0 and json.loads((folder / "mlx" / "config.json").read_text())["dim"] == CFG.dim
+    assert run_cli(["convert", src, "-o", folder / "mlx", "--dtype", "float32"])[0] == 0
+    assert json.loads((folder / "mlx" / "config.json").read_text())["dim"] == CFG.dim
     dit = load_model(folder / "mlx", component="transformer")
     inputs = make_inputs(CFG, *GRID, seed=4)
     rng = np.random.default_rng(5)

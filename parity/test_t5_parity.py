@@ -227,24 +227,32 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
-def quantization_table(dirs) -> list[tuple]:
-    """(label, bytes on disk, max-rel error, rms-rel error) of the bf16 / 8-bit /
-    4-bit encoders against the float32 one. Few tokens: MLX's CPU kernels for
-    bf16 and quantized matmuls are 10-100x slower than its BLAS float32 path."""
+def quantized_dir(dirs, label: str, bits: int | None) -> Path:
+    """The Hugging Face source converted to bfloat16 (`bits` None) or
+    quantized, written once per session by whichever test needs it first."""
     from mlx_omnimatte.convert.core import convert as run_convert, detect
     from mlx_omnimatte.convert.readers import read_checkpoint
     from mlx_omnimatte.convert.writer import write_converted
 
+    src = dirs["hf"].parent / "hf"  # the Hugging Face source folder
+    out_dir = src.parent / f"q_{label}"
+    if not out_dir.exists():
+        ckpt = read_checkpoint(src)
+        spec, fmt = detect(ckpt, "t5")
+        write_converted(out_dir, run_convert(ckpt, spec, fmt, "bfloat16", quantize=bits), {"source": str(src)})
+    return out_dir
+
+
+def quantization_table(dirs) -> list[tuple]:
+    """(label, bytes on disk, max-rel error, rms-rel error) of the bf16 / 8-bit /
+    4-bit encoders against the float32 one. Few tokens: MLX's CPU kernels for
+    bf16 and quantized matmuls are 10-100x slower than its BLAS float32 path."""
     ids, mask = batch(XXL_WIDTH["vocab"], [8], 8, seed=4)
     ids, mask = mx.array(ids), mx.array(mask)
     ref = np.array(load_model(dirs["hf"], component="t5")(ids, mask))
     rows = [("float32", _dir_bytes(dirs["hf"]), 0.0, 0.0)]
-    src = dirs["hf"].parent / "hf"  # the Hugging Face source folder
-    ckpt = read_checkpoint(src)
-    spec, fmt = detect(ckpt, "t5")
     for label, bits in [("bfloat16", None), ("8-bit", 8), ("4-bit", 4)]:
-        out_dir = src.parent / f"q_{label}"
-        write_converted(out_dir, run_convert(ckpt, spec, fmt, "bfloat16", quantize=bits), {"source": str(src)})
+        out_dir = quantized_dir(dirs, label, bits)
         t = time.perf_counter()
         out = np.array(load_model(out_dir, component="t5")(ids, mask))
         diff = out - ref
@@ -268,14 +276,12 @@ def test_t5_quantized_error_and_size(xxl):
 @pytest.mark.slow
 def test_t5_quantize_at_load_equals_at_convert(xxl):
     """Load-time quantization of the bf16 directory gives the very weights of a
-    4-bit conversion (runs after the table has written both)."""
+    4-bit conversion (each written here unless another test already did)."""
     from mlx.utils import tree_flatten
 
-    root = xxl[0]["hf"].parent
-    if not (root / "q_4-bit").exists():
-        pytest.skip("needs test_t5_quantized_error_and_size first")
-    a = dict(tree_flatten(text.load_text_encoder(root / "q_bfloat16", quantize=4).parameters()))
-    b = dict(tree_flatten(load_model(root / "q_4-bit", component="t5").parameters()))
+    dirs = xxl[0]
+    a = dict(tree_flatten(text.load_text_encoder(quantized_dir(dirs, "bfloat16", None), quantize=4).parameters()))
+    b = dict(tree_flatten(load_model(quantized_dir(dirs, "4-bit", 4), component="t5").parameters()))
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 

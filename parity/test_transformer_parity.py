@@ -26,8 +26,7 @@ import mlx.core as mx  # noqa: E402
 from wan_reference import (  # noqa: E402
     FILE_TYPES, FORMATS, build_reference, load_bf16_reference, make_inputs, reference_forward, write_format)
 
-from helpers import rel_err  # noqa: E402
-from mlx_omnimatte.cli.main import main  # noqa: E402
+from helpers import rel_err, run_cli  # noqa: E402
 from mlx_omnimatte.models.wan.transformer import PRESETS, Config  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 
@@ -44,9 +43,7 @@ WIDE_GRID = (4, 32, 40)
 
 
 def convert_cli(src, out, dtype="float32"):
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(src), "-o", str(out), "--dtype", dtype])
-    assert e.value.code == 0
+    assert run_cli(["convert", str(src), "-o", str(out), "--dtype", dtype])[0] == 0
     return json.loads((out / "config.json").read_text())
 
 

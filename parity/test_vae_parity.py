@@ -27,8 +27,7 @@ pytest.importorskip("diffusers")
 import mlx.core as mx  # noqa: E402
 import vae_reference as ref  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
-from mlx_omnimatte.cli.main import main  # noqa: E402
+from helpers import rel_err, run_cli  # noqa: E402
 from mlx_omnimatte.models.wan.vae_tiling import Tiling  # noqa: E402
 from mlx_omnimatte.weights import load_model  # noqa: E402
 
@@ -39,9 +38,7 @@ FORMATS = ("original", "diffusers")
 
 
 def convert(src: Path, out: Path) -> Path:
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(src), "-o", str(out)])
-    assert e.value.code == 0
+    assert run_cli(["convert", str(src), "-o", str(out)])[0] == 0
     return out
 
 

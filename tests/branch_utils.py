@@ -14,15 +14,16 @@ from safetensors.numpy import save_file
 from mlx.utils import tree_unflatten
 
 from helpers import random_params
+from mlx_omnimatte.convert.tiny import DIFFUSERS_NAMES, TARGETS, adapter_keys, random_adapter  # noqa: F401
 from mlx_omnimatte.models.wan.transformer import Config, Model
 from mlx_omnimatte.pipelines.stages import Trajectory, sample_trajectory
 from mlx_omnimatte.sampling import make_sampler
 
 TINY = dict(dim=64, ffn_dim=96, num_heads=2, num_layers=4, in_dim=36, out_dim=16, text_dim=48,
             image_dim=32, text_len=16)
-TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o")
-DIFFUSERS_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-                   "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.o": "attn2.to_out.0"}
+
+WIDE = dict(num_layers=2, dim=256, ffn_dim=256)  # the tiny bundle's width (training tests)
+LATENT = (2, 4, 4)  # F, h, w: 8 tokens per half
 
 
 def tiny_model(seed: int = 0, **overrides) -> Model:
@@ -32,41 +33,6 @@ def tiny_model(seed: int = 0, **overrides) -> Model:
     model.update(tree_unflatten([(k, mx.array(v)) for k, v in params.items()]))
     model.eval()
     return model
-
-
-def random_adapter(blocks, dim: int = 64, rank: int = 4, seed: int = 1, targets=TARGETS, scale: float = 0.3):
-    """{"blocks.i.target": (A (rank, dim), B (dim, rank))} in float32."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in blocks:
-        for t in targets:
-            a = (rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(np.float32)
-            b = (scale * rng.standard_normal((dim, rank)) / np.sqrt(rank)).astype(np.float32)
-            out[f"blocks.{i}.{t}"] = (a, b)
-    return out
-
-
-def adapter_keys(adapter: dict, fmt: str, alpha: float | None = None, prefix: str = "",
-                 diffusers_names: bool = False) -> dict[str, np.ndarray]:
-    """The adapter as a state dict in a trainer's layout."""
-    sd = {}
-    for module, (a, b) in adapter.items():
-        _, i, target = module.split(".", 2)
-        name = DIFFUSERS_NAMES[target] if diffusers_names else target
-        if fmt == "peft":
-            base = f"{prefix}blocks.{i}.{name}"
-            sd[f"{base}.lora_A.weight"], sd[f"{base}.lora_B.weight"] = a, b
-        elif fmt == "diffsynth":
-            base = f"{prefix}blocks.{i}.{name}"
-            sd[f"{base}.lora_A.default.weight"], sd[f"{base}.lora_B.default.weight"] = a, b
-        elif fmt == "kohya":
-            base = f"lora_unet_blocks_{i}_{name.replace('.', '_')}"
-            sd[f"{base}.lora_down.weight"], sd[f"{base}.lora_up.weight"] = a, b
-        else:
-            raise ValueError(fmt)
-        if alpha is not None:
-            sd[f"{base}.alpha"] = np.array(alpha, np.float32)
-    return sd
 
 
 def write_lora(path: Path, sd: dict, manifest: dict | None = None) -> Path:
@@ -117,3 +83,11 @@ def sample_layers(model, dual, z_bg, z_alpha, y, ctx, settings, report=None):
     spec.check(model)
     sampler = make_sampler(settings.sampler, settings.steps, settings.shift)
     return tuple(sample_trajectory(model, spec, y, ctx, [z_bg, z_alpha], settings, sampler, report))
+
+
+def sample(cfg, seed: int = 0, latent=LATENT) -> dict:
+    """One random training sample (numpy) for a DiT of config `cfg`."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return {"cond": f32(*latent, 20), "alpha": f32(*latent, 16), "bg": f32(*latent, 16),
+            "context": f32(5, cfg.text_dim), "clip": f32(257, cfg.image_dim)}

@@ -5,38 +5,17 @@ a user runs it."""
 from __future__ import annotations
 
 import os
-import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from mlx_omnimatte.cli.main import main
+from mlx_omnimatte.convert.tiny import random_params  # noqa: F401 (shared)
 
-NORM = re.compile(r"(norm|gamma|ln_|pre_norm)|\.proj\.[04]\.weight$")
-
-
-def random_params(model, seed: int = 0, norm: float = 0.05, bias: float = 0.02,
-                  modulation: float | None = None, scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Random float32 values for every parameter of an MLX `model` (MLX names
-    and layout): norm gains near 1 and weights scaled by 1/sqrt(fan in), so
-    activations stay O(1); `modulation` (when given) is the scale of the
-    DiT's modulation tables, O(1) offsets in trained models."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, p in tree_flatten(model.parameters()):
-        shape = tuple(p.shape)
-        if NORM.search(name) and name.endswith(("weight", "gamma")):
-            a = 1.0 + norm * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            a = bias * rng.standard_normal(shape)
-        elif modulation is not None and "modulation" in name:
-            a = modulation * rng.standard_normal(shape)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[-1]
-            a = scale * rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-        out[name] = a.astype(np.float32)
-    return out
+# the project's example clips (boys-beach, ...), beside the repository; tests
+# that need them skip when they are absent
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "examples"
 
 
 def rel_err(got, want) -> float:
@@ -46,10 +25,14 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def run_cli(args, capsys):
-    """The CLI as a user runs it: (exit status, stdout, stderr)."""
+def run_cli(args, capsys=None):
+    """The CLI as a user runs it (the one way tests run it): (exit status,
+    stdout, stderr); without `capsys` the output is left where it went and
+    stdout and stderr are empty."""
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
+    if capsys is None:
+        return e.value.code, "", ""
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 

@@ -18,13 +18,13 @@ from PIL import Image
 
 from mlx_omnimatte import synth
 from mlx_omnimatte.analysis import block_scores, key_mass, partition, probe_attn_fn
-from mlx_omnimatte.cli import main as cli_main
 from mlx_omnimatte.io.writers import write_png_frames
 from mlx_omnimatte.models.base import sdpa
 from mlx_omnimatte.models.wan import transformer
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.grid import plan_grid
 from mlx_omnimatte.pipelines.analyze import EFFECT_THRESHOLD, effect_region, find_clips, token_coverage
+from helpers import run_cli
 from tiny_models import DIT, write_fun_folder
 
 
@@ -199,13 +199,9 @@ def data(tmp_path_factory):
 
 
 def run_main(args, capsys=None):
-    try:
-        cli_main.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr() if capsys is not None else None
-    return code, out
+    """(exit status, the captured output) of the CLI (`helpers.run_cli`)."""
+    code, _, _ = run_cli(args)
+    return code, capsys.readouterr() if capsys is not None else None
 
 
 ARGS = ["--size", "128x96", "--quiet", "--dtype", "float32"]  # token grid 2 x 6 x 8
@@ -273,3 +269,53 @@ def test_object_empty_on_the_latent_grid(bundle, data, tmp_path, capsys):
     out = tmp_path / "r"
     assert_refused(["analyze", "--bundle", bundle, "--data", clip, "-o", out, *ARGS], capsys,
                    "covers no token of the latent grid", out)
+
+
+def _without_effect(src: Path, dst: Path) -> None:
+    """A copy of clip `src` whose effect alpha is empty: nothing to measure."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "truth" / "effect_00")
+    write_png_frames(dst / "truth" / "effect_00", np.zeros((5, 96, 128), np.uint8))
+
+
+def test_a_clip_with_nothing_to_measure_is_skipped_with_one_line(bundle, data, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data / "00000", mixed / "00000")
+    _without_effect(data / "00001", mixed / "00001")
+    out = tmp_path / "report"
+    code, printed = run_main(["analyze", "--bundle", bundle, "--data", mixed, "-o", out, *ARGS,
+                              "--cache-dir", tmp_path / "prompts"], capsys)
+    assert code == 0, printed.err
+    assert printed.err.strip().splitlines() == [
+        f"{mixed / '00001'}: the effect in truth/effect_00 lies entirely inside the dilated object mask "
+        "(or is empty): nothing to measure; skipped"]
+    assert json.loads((out / "summary.json").read_text())["clips"] == ["00000"]
+    rows = list(csv.reader((out / "scores.csv").open()))
+    assert rows[0] == ["block", "C_00000", "mean", "std"]
+
+
+def test_a_data_set_with_nothing_to_measure_is_refused(bundle, data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    _without_effect(data / "00000", empty / "00000")
+    out = tmp_path / "r"
+    assert_refused(["analyze", "--bundle", bundle, "--data", empty / "00000", "-o", out, *ARGS], capsys,
+                   "lies entirely inside the dilated object mask (or is empty): nothing to measure", out)
+    _without_effect(data / "00001", empty / "00001")
+    assert_refused(["analyze", "--bundle", bundle, "--data", empty, "-o", out, *ARGS], capsys,
+                   "no clip has an effect outside its dilated object mask", out)
+
+
+def test_vae_encode_counts_frames(bundle, data):
+    seen = []
+
+    def report(name, done, total, detail=""):
+        if name == "vae encode":
+            seen.append((done, total))
+
+    from mlx_omnimatte.bundle import open_bundle
+    from mlx_omnimatte.pipelines.analyze import run_analysis
+    from mlx_omnimatte.pipelines.settings import Settings
+
+    run_analysis(data, open_bundle(bundle), 0.7, None, Settings(size="128x96", dtype="float32"), report)
+    # two clips, each its video and its plate at 5 frames (4n+1)
+    assert seen == [(0, 20), (10, 20), (20, 20)]

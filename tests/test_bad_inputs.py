@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
+from mlx_omnimatte.io import writers
 from mlx_omnimatte.io.video import read_video
 from mlx_omnimatte.pipelines import two_stage
 from mlx_omnimatte.synth import make_clip, write_clip
 from helpers import assert_refused, run_cli
-from tiny_models import tiny_bundle
+from tiny_models import dit_state, tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_experts_refuse_what_they_do_not_use(clip, bundle, tmp_path, capsys):
     assert_refused([*base, "--tau", "1", "--expert", f"effect={effect}"], capsys,
                    "--expert effect=...: --tau 1.0 never runs the effect expert", out)
     assert_refused([*base, "--expert", f"quality={effect}"], capsys,
-                   f"--expert quality={effect}: that is a effect expert", out)
+                   f"--expert quality={effect}: that is an effect expert", out)
     assert_refused([*base, "--method", "two-stage", "--tau", "0.5"], capsys, "--tau: only the experts method", out)
 
 
@@ -145,3 +148,55 @@ def test_batch_longer_than_the_clip_is_clamped_and_said(clip, tmp_path, capsys, 
 def test_synth_refuses_before_any_array(tmp_path, capsys, extra, match):
     out = tmp_path / "clip"
     assert_refused(["synth", "-o", out, *extra], capsys, match, out)
+
+
+@pytest.mark.parametrize("mask, match", [
+    ("x=", "--mask x=: no path given (expected PATH or NAME=PATH)"),
+    ("", "--mask : no path given"),
+    ("{clip}", "--mask {clip}: a clip folder, not a mask"),
+    ("y={clip}", "--mask y={clip}: a clip folder, not a mask"),
+])
+def test_mask_that_is_no_mask(clip, tmp_path, capsys, mask, match):
+    args, out = _plate(clip, tmp_path)
+    args[1] = clip / "input_video"
+    assert_refused([*args, "--mask", mask.format(clip=clip)], capsys, match.format(clip=clip), out)
+
+
+def test_clip_folder_with_a_mask_names_its_video(clip, tmp_path, capsys):
+    args, out = _plate(clip, tmp_path)
+    assert_refused([*args, "--mask", clip / "mask_00"], capsys,
+                   f"{clip}: a clip folder takes no --mask (its mask_XX files are used); to give masks, pass the "
+                   f"video ({clip / 'input_video'}) instead", out)
+
+
+def test_a_cut_caption_is_said_in_one_line(clip, bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    caption = "a sunny beach with waves " * 40000  # 1 MB
+    code, _, err = run_cli(["remove", clip / "input_video", "--mask", clip / "mask_00", "--caption", caption,
+                            "--bundle", bundle, "-o", out, "--quiet", "--dry-run", "--size", "64x48"], capsys)
+    assert code == 0, err[:300]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"--caption: ") and lines[0].endswith(
+        f"tokens ({len(caption)} characters); only the first 512 are used (the text encoder's limit)")
+    assert int(lines[0].split()[1]) > 512 and not out.exists()
+    code, _, err = run_cli(["remove", clip / "input_video", "--mask", clip / "mask_00", "--caption", "a beach",
+                            "--bundle", bundle, "-o", out, "--quiet", "--dry-run", "--size", "64x48"], capsys)
+    assert code == 0 and "only the first" not in err
+
+
+@pytest.mark.parametrize("free, reason", [(0, "No space left on device"),
+                                          (1 << 40, "[write] Unable to write 8 bytes to file.")])
+def test_convert_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch, free, reason):
+    src = tmp_path / "casper.safetensors"
+    save_file(dit_state(7), str(src))
+    def full(path, arrays, metadata=None):  # what MLX does when the disk fills: a torn file, a RuntimeError
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(writers, "free_bytes", lambda folder: free)
+    out = tmp_path / "out"
+    assert_refused(["convert", src, "-o", out, "--component", "transformer"], capsys,
+                   f"{out}: writing failed ({reason}); nothing was written", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["casper.safetensors"]

@@ -79,8 +79,9 @@ def test_make_attn_fn_and_bad_type():
         make_attn_fn("D")
 
 
-def test_chunking_bounds_cpu_memory():
-    """On the CPU the SDPA fallback materializes scores: a budget caps the peak."""
+def test_chunking_bounds_memory():
+    """A budget caps the peak on every device; on the CPU, where the SDPA
+    fallback materializes the scores, unchunked attention holds them all."""
     q, k, v = qkv(n=1024, heads=4, d=64, batch=1)
     mx.eval(q, k, v)
     scores = 4 * 2048 * 2048 * 4  # one full score matrix, fp32
@@ -91,6 +92,6 @@ def test_chunking_bounds_cpu_memory():
         base = mx.get_active_memory()
         mx.eval(branch_attention(q, k, v, "A", budget_bytes=budget))
         peaks[name] = mx.get_peak_memory() - base
-    if mx.default_device() == mx.cpu:
+    assert peaks["chunked"] <= scores / 4  # every device
+    if mx.default_device() == mx.cpu:  # a fused kernel elsewhere need not hold the scores
         assert peaks["full"] >= scores
-        assert peaks["chunked"] <= scores / 4

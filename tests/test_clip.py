@@ -12,10 +12,11 @@ from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
 from mlx_omnimatte.encoders import image as image_encoder
-from mlx_omnimatte.cli.main import cli, main
+from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import clip
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli
 
 
 def open_clip_weights(width=1280, layers=1, mlp=256, grid=2, patch=14, seed=0):
@@ -179,10 +180,9 @@ def test_convert_three_layouts_agree(sources, tmp_path):
 
 def test_other_width_is_rejected(tmp_path, capsys):
     save_file(open_clip_weights(width=1024, mlp=128), str(tmp_path / "vit_l.safetensors"))
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(tmp_path / "vit_l.safetensors"), "-o", str(tmp_path / "out")])
+    code = run_cli(["convert", str(tmp_path / "vit_l.safetensors"), "-o", str(tmp_path / "out")])[0]
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "width 1024" in err and "1280" in err
+    assert code == 2 and err.count("\n") == 1 and "width 1024" in err and "1280" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -248,8 +248,7 @@ def test_quick_gelu_config_is_honoured_or_refused(sources, tmp_path, capsys):
         m.config.feature_layers = 1
     assert float(mx.abs(quick(x) - load_model(tmp_path / "g")(x)).max()) > 1e-3  # the activation matters
     (folder / "config.json").write_text(json.dumps({"hidden_act": "gelu_new"}))
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(folder / "model.safetensors"), "-o", str(tmp_path / "bad")])
+    code = run_cli(["convert", str(folder / "model.safetensors"), "-o", str(tmp_path / "bad")])[0]
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "hidden_act 'gelu_new' is not supported" in err
+    assert code == 2 and err.count("\n") == 1 and "hidden_act 'gelu_new' is not supported" in err
     assert not (tmp_path / "bad").exists()

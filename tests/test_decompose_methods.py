@@ -12,10 +12,9 @@ import pytest
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
 from mlx_omnimatte.io.writers import write_png_frames, write_video
 from mlx_omnimatte.synth import make_clip, write_clip
-from helpers import assert_refused, run_cli as run
+from helpers import EXAMPLES, assert_refused, run_cli as run
 from tiny_models import tiny_bundle
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 FAST = ["--steps", "1", "--size", "64x32", "--quiet"]
 
 

@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 
 import mlx_omnimatte as mo
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.io.video import probe_video, read_rgba, read_video
 from mlx_omnimatte.io.writers import write_png_frames, write_video
-from helpers import assert_refused, run_cli as run
+from helpers import EXAMPLES, assert_refused, run_cli as run
 from tiny_models import DIT, lora_state, poison, tiny_bundle
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"shared clips not found at {EXAMPLES}")
 FAST = ["--steps", "2", "--size", "128x64", "--quiet"]
 
@@ -34,11 +32,7 @@ def models(tmp_path_factory):
 
 
 def main_code(args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    return 0
+    return run(args)[0]
 
 
 def synthetic_clip(folder: Path, frames=9, size=(64, 32), fps=16, mask_frames=None, mask_size=None,

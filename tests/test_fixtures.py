@@ -12,10 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli
 
 FIXTURE = Path(__file__).parent.parent / "parity" / "fixtures" / "wan_dit_tiny"
 
@@ -23,9 +22,8 @@ FIXTURE = Path(__file__).parent.parent / "parity" / "fixtures" / "wan_dit_tiny"
 def test_wan_dit_tiny_matches_diffusers(tmp_path):
     meta = json.loads((FIXTURE / "meta.json").read_text())
     out = tmp_path / "mlx"
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(FIXTURE), "-o", str(out), "--dtype", "float32"])
-    assert e.value.code == 0
+    code = run_cli(["convert", str(FIXTURE), "-o", str(out), "--dtype", "float32"])[0]
+    assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["source"]["source_format"] == "diffusers"
     assert {k: config[k] for k in ("dim", "num_heads", "num_layers", "image_dim")} == \

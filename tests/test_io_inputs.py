@@ -1,7 +1,6 @@
 """Clip folders (Generative Omnimatte layout) and explicit clip inputs."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ import pytest
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import find_clip_files, load_clip, load_clip_folder
 from mlx_omnimatte.io.writers import write_video
+from helpers import EXAMPLES
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 needs_examples = pytest.mark.skipif(
     not EXAMPLES.is_dir(), reason=f"shared example clips not found at {EXAMPLES}"
 )

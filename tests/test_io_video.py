@@ -1,6 +1,5 @@
 """Reading videos and frame folders."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ from PIL import Image
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.video import natural_key, probe_video, read_video
 from mlx_omnimatte.io.writers import write_video
+from helpers import EXAMPLES
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "examples"
 needs_examples = pytest.mark.skipif(
     not EXAMPLES.is_dir(), reason=f"shared example clips not found at {EXAMPLES}"
 )

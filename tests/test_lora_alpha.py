@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from branch_utils import adapter_keys, convert_expert, random_adapter, write_lora
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.errors import OmnimatteError
+from helpers import run_cli
 
 RANK, ALPHA = 4, 2.0  # scale 0.5
 OPTS = {"kind": "quality", "num_layers": 4}
@@ -94,10 +94,9 @@ def test_rslora_and_alpha_pattern(tmp_path, adapter):
 
 def test_no_alpha_prints_one_fallback_line(tmp_path, adapter, capsys):
     path = write_lora(tmp_path / "bare.safetensors", adapter_keys(adapter, "peft"))
-    with pytest.raises(SystemExit) as info:
-        main(["convert", str(path), "-o", str(tmp_path / "out"), "--expert-kind", "quality", "--num-layers", "4"])
+    code = run_cli(["convert", path, "-o", tmp_path / "out", "--expert-kind", "quality", "--num-layers", "4"])[0]
     out = capsys.readouterr().out
-    assert info.value.code == 0, out
+    assert code == 0, out
     lines = [ln for ln in out.splitlines() if "alpha = rank" in ln]
     assert lines == ["bare.safetensors: no LoRA alpha in the file or beside it: using alpha = rank (scale 1.0)"]
     cfg = json.loads((tmp_path / "out/config.json").read_text())

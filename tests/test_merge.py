@@ -11,9 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.models.wan.transformer import Config, Model
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli
 from tiny_models import DIT, dit_state, write_fun_folder
 
 RANK, ALPHA = 4, 2.0
@@ -56,9 +56,7 @@ def lora_keys(lora: dict, fmt: str, alpha: float | None = ALPHA) -> dict[str, np
 
 
 def run(*args) -> int:
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    return e.value.code
+    return run_cli(args)[0]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +179,7 @@ def test_lora_and_transformer_swapped(dit, folder, tmp_path, capsys):
     lora = tmp_path / "lora.safetensors"
     save_file(lora_keys(random_lora({"blocks.0.ffn.2": shapes["blocks.0.ffn.2"]}), "videox"), str(lora))
     refused(capsys, tmp_path / "o", "convert", path, "--lora", path, contains=["not a LoRA file", "transformer"])
-    refused(capsys, tmp_path / "o", "convert", lora, "--lora", lora, contains=["--lora", "this is a expert"])
+    refused(capsys, tmp_path / "o", "convert", lora, "--lora", lora, contains=["--lora", "this is an expert"])
     refused(capsys, tmp_path / "o", "convert", folder, "--transformer", lora,
             contains=["not a transformer checkpoint"])
     refused(capsys, tmp_path / "o", "convert", folder, "--transformer-lora", path, contains=["not a LoRA file"])

@@ -102,3 +102,23 @@ def test_prepare_refuses_bad_input(prepared, capsys, tmp_path):
     assert_refused(["prepare", "--bundle", bundle, "--data", data, "-o", other], capsys, "not a latent cache")
     assert_refused(["prepare", "--bundle", bundle, "--data", data, "-o", cache, "--size", "64x32"], capsys,
                    "a cache of other size")
+
+
+def test_prepare_overwrite_replaces_what_is_there(prepared, capsys, tmp_path):
+    root, bundle, data, cache = prepared
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    base = ["prepare", "--bundle", bundle, "--data", data, "--quiet", "--cache-dir", root / "prompts"]
+    assert_refused([*base, "-o", other], capsys, f"{other}: already exists and is not a latent cache "
+                   "(add --overwrite to replace it)")
+    assert (other / "notes.txt").read_text() == "x"
+    run_ok([*base, "-o", other, "--overwrite"], capsys)
+    assert not (other / "notes.txt").exists()
+    manifest = read_manifest(other)
+    assert manifest["complete"] and len(manifest["samples"]) == len(manifest["listing"]) == 2
+    assert_refused([*base, "-o", other, "--size", "64x32"], capsys,
+                   "a cache of other size; choose another -o, or add --overwrite to replace it")
+    run_ok([*base, "-o", other, "--size", "64x32", "--overwrite"], capsys)
+    assert read_manifest(other)["size"] == "64x32"
+    assert LatentCache(other, open_bundle(bundle)).samples[0]["shape"][1:] == [32 // 8, 64 // 8]

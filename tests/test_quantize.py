@@ -11,9 +11,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from branch_utils import convert_expert, inputs
-from helpers import rel_err
+from helpers import rel_err, run_cli
 from mlx_omnimatte.branch import branch_forward
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.weights import load_model, load_weights
 from tiny_models import dit_state, lora_state, write_fun_folder
 
@@ -22,9 +21,7 @@ BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(?:self_attn\.[qkvo]|cross_attn\.(?:[qk
 
 
 def run(*args) -> int:
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    return e.value.code
+    return run_cli(args)[0]
 
 
 

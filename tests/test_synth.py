@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from mlx_omnimatte import synth
@@ -12,6 +11,8 @@ from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.inputs import load_clip_folder
 from mlx_omnimatte.io.truth import read_truth
 from mlx_omnimatte.io.writers import write_png_frames
+from mlx_omnimatte.sampling import DEFAULT_SEED
+from helpers import run_cli
 
 
 def _recompose_all(clip):
@@ -118,22 +119,20 @@ def test_user_sources(tmp_path):
         synth.Source(tmp_path / "bg", None)
 
 
-def test_dataset_and_cli(tmp_path):
-    from mlx_omnimatte.cli.synth import synth as cmd
-
+def test_dataset_and_cli(tmp_path, capsys):
     out = synth.write_dataset(tmp_path / "d", 2, seed=3, frames=3, size=(32, 32))
     assert sorted(p.name for p in out.iterdir()) == ["00000", "00001"]
     assert json.loads((out / "00001" / "truth" / "meta.json").read_text())["seed"] == 4
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "one"), "--frames", "4", "--size", "64x48", "--objects", "2",
-                                 "--seed", "7", "-q"])
-    assert r.exit_code == 0, r.output
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "one"), "--frames", "4", "--size", "64x48", "--objects", "2",
+                            "--seed", "7", "-q"], capsys)
+    assert code == 0, err
     assert Image.open(tmp_path / "one" / "input_video" / "00003.png").size == (64, 48)
     assert (tmp_path / "one" / "mask_01").is_dir()
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "one"), "--frames", "4"])
-    assert r.exit_code != 0  # exists
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "many"), "--count", "2", "--frames", "2", "--size", "32x32",
-                                 "-q"])
-    assert r.exit_code == 0, r.output
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "one"), "--frames", "4"], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "many"), "--count", "2", "--frames", "2", "--size", "32x32",
+                            "-q"], capsys)
+    assert code == 0, err
     assert (tmp_path / "many" / "00001" / "truth" / "alpha_00").is_dir()
 
 
@@ -264,24 +263,23 @@ def test_png_bytes_round_trip(tmp_path):
             np.testing.assert_array_equal(np.asarray(im), f)
 
 
-def test_cli_effects_and_plate(tmp_path):
-    from mlx_omnimatte.cli.synth import synth as cmd
-
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "fx"), "--frames", "3", "--size", "64x48", "--objects", "3",
-                                 "--effect", "reflection", "--effect", "light", "--plate", "removal", "-q"])
-    assert r.exit_code == 0, r.output
+def test_cli_effects_and_plate(tmp_path, capsys):
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "fx"), "--frames", "3", "--size", "64x48", "--objects", "3",
+                            "--effect", "reflection", "--effect", "light", "--plate", "removal", "-q"], capsys)
+    assert code == 0, err
     meta = json.loads((tmp_path / "fx" / "truth" / "meta.json").read_text())
     assert meta["effects"] == ["reflection", "light", "reflection"] and meta["plate"] == "removal"
     assert load_clip_folder(tmp_path / "fx").frames.shape == (3, 48, 64, 3)
     plate = sorted((tmp_path / "fx" / "truth" / "background_removal").iterdir())
     assert [p.name for p in plate] == ["00000.png", "00001.png", "00002.png"]
-    clip = synth.make_clip(0, frames=3, size=(64, 48), objects=3, effects=["reflection", "light"], plate="removal")
+    clip = synth.make_clip(DEFAULT_SEED, frames=3, size=(64, 48), objects=3, effects=["reflection", "light"],
+                           plate="removal")
     with Image.open(plate[2]) as im:
         np.testing.assert_array_equal(np.asarray(im), clip.removal_plate[2])
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "plain"), "--frames", "2", "--size", "32x32", "-q"])
-    assert r.exit_code == 0, r.output
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "plain"), "--frames", "2", "--size", "32x32", "-q"], capsys)
+    assert code == 0, err
     meta = json.loads((tmp_path / "plain" / "truth" / "meta.json").read_text())
     assert meta["effects"] == ["shadow"] and meta["plate"] == "exact"
     assert not (tmp_path / "plain" / "truth" / "background_removal").exists()
-    r = CliRunner().invoke(cmd, ["-o", str(tmp_path / "bad"), "--no-shadow", "--effect", "shadow"])
-    assert r.exit_code != 0 and not (tmp_path / "bad").exists()
+    code, _, err = run_cli(["synth", "-o", str(tmp_path / "bad"), "--no-shadow", "--effect", "shadow"], capsys)
+    assert code == 2 and not (tmp_path / "bad").exists()

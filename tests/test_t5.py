@@ -10,11 +10,12 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
-from mlx_omnimatte.cli.main import cli, main
+from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
 from mlx_omnimatte.encoders.text import load_text_encoder
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli
 from encoder_utils import hf_weights, make_tokenizer, to_wan
 
 CFG = dict(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=2)
@@ -165,10 +166,9 @@ def test_missing_tokenizer_is_one_line_error(tmp_path, capsys):
     d = tmp_path / "src"
     d.mkdir()
     save_file(hf_weights(), str(d / "model.safetensors"))
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(d / "model.safetensors"), "-o", str(tmp_path / "out")])
+    code = run_cli(["convert", str(d / "model.safetensors"), "-o", str(tmp_path / "out")])[0]
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "tokenizer.json" in err and "MLX_OMNIMATTE_T5_TOKENIZER" in err
     assert not (tmp_path / "out").exists()
 
@@ -190,9 +190,8 @@ def test_t5_v11_shared_bias_rejected(tmp_path, capsys):
     d.mkdir()
     save_file(w, str(d / "model.safetensors"))
     make_tokenizer(d)
-    with pytest.raises(SystemExit) as e:
-        main(["convert", str(d / "model.safetensors"), "-o", str(tmp_path / "out")])
-    assert e.value.code == 2 and "not UMT5" in capsys.readouterr().err
+    code = run_cli(["convert", str(d / "model.safetensors"), "-o", str(tmp_path / "out")])[0]
+    assert code == 2 and "not UMT5" in capsys.readouterr().err
 
 
 # toy weights amplify error (bf16 alone: 2e-2 here); XXL-width numbers are in parity/

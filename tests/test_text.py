@@ -11,10 +11,11 @@ from safetensors.numpy import save_file
 
 from encoder_utils import CORPUS, hf_weights, make_tokenizer
 from mlx_omnimatte.encoders import text
-from mlx_omnimatte.cli.main import cli, main
+from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.cli.prompts import encode_prompts_cmd
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
+from helpers import run_cli
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
@@ -176,18 +177,13 @@ def test_encode_prompts_command(t5_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "prompt.json").write_text(json.dumps({"bg": "a clean beach"}))
     args = ["encode-prompts", "--t5", str(t5_dir), "--cache-dir", str(tmp_path / "c"), "a forest",
             "-f", str(tmp_path / "p.txt"), "-f", str(tmp_path / "prompt.json")]
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and "4 encoded, 0 already cached" in out and "text encoder: peak" in out
-    with pytest.raises(SystemExit):
-        main(args)
-    assert "0 encoded, 4 already cached" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["encode-prompts", "--t5", str(t5_dir)])
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "4 encoded, 0 already cached" in out and "text encoder: peak" in out
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "0 encoded, 4 already cached" in out
+    code = run_cli(["encode-prompts", "--t5", str(t5_dir)])[0]
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit) as e:
-        main(["encode-prompts", "--t5", str(t5_dir), "-f", str(tmp_path / "bad.json")])
-    assert e.value.code == 2 and "bad.json" in capsys.readouterr().err
+    code = run_cli(["encode-prompts", "--t5", str(t5_dir), "-f", str(tmp_path / "bad.json")])[0]
+    assert code == 2 and "bad.json" in capsys.readouterr().err

@@ -13,23 +13,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_omnimatte as mo
-from branch_utils import tiny_model
+from branch_utils import LATENT, WIDE, sample, tiny_model
 from mlx_omnimatte.branch.forward import branch_forward
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.train import store
 from mlx_omnimatte.train.forward import expert_from_lora, init_lora, inpaint_pass, lora_blocks, replica_pass
 from mlx_omnimatte.train.trainer import TrainSettings, global_gradients, make_grad_fn, new_state, train
-
-WIDE = dict(num_layers=2, dim=256, ffn_dim=256)  # the test bundle's width
-LATENT = (2, 4, 4)  # F, h, w: 8 tokens per half
-
-
-def sample(cfg, seed: int = 0, latent=LATENT) -> dict:
-    rng = np.random.default_rng(seed)
-    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
-    return {"cond": f32(*latent, 20), "alpha": f32(*latent, 16), "bg": f32(*latent, 16),
-            "context": f32(5, cfg.text_dim), "clip": f32(257, cfg.image_dim)}
-
 
 def random_lora(cfg, blocks, rank=4, seed=3):
     rng = np.random.default_rng(seed)

@@ -15,10 +15,11 @@ import pytest
 
 import mlx_omnimatte as mo
 from mlx_omnimatte.train.cache import LatentCache
+from mlx_omnimatte.train import session
 from mlx_omnimatte.train.session import run_training, work_dir
 from mlx_omnimatte.train.trainer import TrainSettings, new_state, train, trained_expert
 from mlx_omnimatte.train.validate import ValidationSettings, validate
-from helpers import assert_refused, run_ok
+from helpers import assert_refused, run_cli, run_ok
 from tiny_models import tiny_bundle, tiny_dataset
 
 # --------------------------------------------------------------------------- shared with test_prepare.py
@@ -166,3 +167,31 @@ def test_export_round_trips_through_convert(setup, capsys, tmp_path):
             assert np.array_equal(np.array(src.lora[m].b), np.array(e.lora[m].b))
     assert json.loads((tmp_path / "export-peft" / "adapter_config.json").read_text())["lora_alpha"] == 2.0
     assert_refused(["export", expert, "--format", "peft", "-o", tmp_path / "export-peft"], capsys, "already exists")
+
+
+def test_overwrite_starts_afresh_and_an_interrupt_says_resume(setup, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    q = ["--expert", "quality", "--steps", "3", "--checkpoint-every", "1"]
+    real = session.train
+
+    def cut(model, cache, settings, state, report, checkpoint, **kw):
+        def stop(stage, done, total, detail=""):
+            if done == 2:
+                raise KeyboardInterrupt
+        return real(model, cache, settings, state, stop, checkpoint, **kw)
+
+    monkeypatch.setattr(session, "train", cut)
+    code, _, err = run_cli(_train(setup, out, *q), capsys)
+    assert code == 130 and not out.exists()
+    assert err.strip().splitlines() == [f"interrupted: {out} not written; the checkpoint at step 1 is kept in "
+                                        f"{work_dir(out)} (continue with --resume)"]
+    monkeypatch.setattr(session, "train", real)
+    assert_refused(_train(setup, out, *q), capsys, "add --resume to continue it (or --overwrite to start afresh)")
+    assert_refused(_train(setup, out, *q, "--resume", "--overwrite"), capsys, "give one of them")
+    assert not out.exists() and (work_dir(out) / "checkpoint").is_dir()
+    run_ok(_train(setup, out, *q, "--overwrite"), capsys)
+    assert not work_dir(out).exists()
+    assert json.loads((out / "config.json").read_text())["source"]["trained_steps"] == 3
+    assert_refused(_train(setup, out, *q), capsys, f"{out}: already exists (add --overwrite to replace it)")
+    run_ok(_train(setup, out, "--expert", "quality", "--steps", "1", "--overwrite"), capsys)
+    assert json.loads((out / "config.json").read_text())["source"]["trained_steps"] == 1

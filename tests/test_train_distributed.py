@@ -15,10 +15,9 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from branch_utils import tiny_model  # noqa: E402
+from branch_utils import WIDE, sample, tiny_model  # noqa: E402
 from mlx_omnimatte.train import distributed  # noqa: E402
 from mlx_omnimatte.train.trainer import TrainSettings, global_gradients, make_grad_fn, new_state, train_step  # noqa: E402
-from test_train import WIDE, sample  # noqa: E402
 
 WORKER = Path(__file__)  # run as a script, this file is one process of the check
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")

@@ -13,11 +13,11 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from safetensors.numpy import save_file
 
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.convert.readers import Checkpoint, LazyTensor
 from mlx_omnimatte.convert.transformer import detect
 from mlx_omnimatte.models.wan.transformer import Config, Model, rope_tables, sdpa
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli as cli
 
 CFG = Config(dim=256, ffn_dim=384, num_heads=2, num_layers=3, in_dim=36, out_dim=16, text_dim=64,
              image_dim=64)
@@ -37,9 +37,7 @@ def original_state(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_cli(*args) -> int:
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    return e.value.code
+    return cli(args)[0]
 
 
 def expect_error(capsys, *args, contains=()):

@@ -15,13 +15,13 @@ import pytest
 from ckpt_utils import save_torch_zip
 from safetensors.numpy import save_file
 
-from mlx_omnimatte.cli.main import main
 from mlx_omnimatte.convert import vae as convert_vae
 from mlx_omnimatte.convert.readers import Checkpoint, LazyTensor
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models.wan import vae as V
 from mlx_omnimatte.models.wan import vae_tiling as T
 from mlx_omnimatte.weights import load_model
+from helpers import run_cli
 
 DIM = 8
 
@@ -104,13 +104,6 @@ def random_tensors(seed: int = 0, dim: int = DIM) -> list[tuple[str, str, np.nda
     return out
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
-
-
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     """A diffusers vae/ folder and an original .pth holding the same tensors."""
@@ -133,9 +126,7 @@ def tiny_models(tiny_sources, tmp_path_factory):
     folder, pth = tiny_sources
     out = tmp_path_factory.mktemp("vae_out")
     for src, name in ((folder, "diffusers"), (pth, "original")):
-        with pytest.raises(SystemExit) as e:
-            main(["convert", str(src), "-o", str(out / name)])
-        assert e.value.code == 0
+        assert run_cli(["convert", src, "-o", out / name])[0] == 0
     return {name: load_model(out / name, "vae") for name in ("diffusers", "original")}, out
 
 

@@ -107,6 +107,14 @@ def load_tokenizer(t5_dir, text_len: int = TEXT_LEN) -> PromptTokenizer:
     return PromptTokenizer(Path(t5_dir) / "tokenizer" / "tokenizer.json", text_len)
 
 
+def prompt_tokens(t5_dir, prompt: str) -> int:
+    """How many tokens `prompt` makes before the cut at TEXT_LEN (no weights
+    load), so a run can say that a long caption is cut."""
+    tokenizer = load_tokenizer(t5_dir).tokenizer
+    tokenizer.no_truncation()
+    return len(tokenizer.encode(clean_prompt(check_prompts([prompt])[0]), add_special_tokens=True).ids)
+
+
 # --------------------------------------------------------------------------- prompt cache
 
 

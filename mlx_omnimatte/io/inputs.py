@@ -70,6 +70,11 @@ def _is_source(p: Path) -> bool:
     return p.is_dir() or (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
+def _clip_videos(folder: Path) -> list[Path]:
+    """The ``input_video`` file(s) or frame folder(s) of a clip folder."""
+    return [p for p in folder.iterdir() if (p.stem if p.is_file() else p.name) == VIDEO_STEM and _is_source(p)]
+
+
 def mask_name(path: Path) -> str:
     """``mask_00.mp4`` -> ``00``; other names -> their stem."""
     stem = path.name if path.is_dir() else path.stem
@@ -90,7 +95,7 @@ def find_clip_files(folder: str | Path) -> tuple[Path, list[Path], Path | None]:
     folder = Path(folder)
     if not folder.is_dir():
         raise OmnimatteError(f"{folder}: not a clip folder")
-    videos = [p for p in folder.iterdir() if (p.stem if p.is_file() else p.name) == VIDEO_STEM and _is_source(p)]
+    videos = _clip_videos(folder)
     if not videos:
         raise OmnimatteError(f"{folder}: no {VIDEO_STEM}.mp4 (or other video / frame folder named {VIDEO_STEM})")
     if len(videos) > 1:
@@ -132,8 +137,14 @@ def parse_mask(arg) -> tuple[str | None, Path]:
     text = str(arg)
     name, sep, rest = text.partition("=")
     if sep and name and "/" not in name and not Path(text).exists():
-        return name, Path(rest)
-    return None, Path(text)
+        text = rest
+    if not text.strip():
+        raise OmnimatteError(f"--mask {arg}: no path given (expected PATH or NAME=PATH)")
+    path = Path(text)
+    if path.is_dir() and _clip_videos(path):
+        raise OmnimatteError(f"--mask {arg}: a clip folder, not a mask (give one of its mask files, or the "
+                             "folder alone as INPUT without --mask)")
+    return (name if text is rest else None), path
 
 
 def _explicit(video: Path, masks, caption):
@@ -162,9 +173,10 @@ def resolve_clip(input, masks: Sequence = (), caption: str | None = None, frames
     if not input.exists():
         raise OmnimatteError(f"{input}: no such file or directory")
     if masks:
-        if input.is_dir() and any((input / f"{VIDEO_STEM}{s}").exists() for s in VIDEO_SUFFIXES):
+        videos = _clip_videos(input) if input.is_dir() else []
+        if videos:
             raise OmnimatteError(f"{input}: a clip folder takes no --mask (its mask_XX files are used); "
-                                 f"to give masks, pass the video ({input / VIDEO_STEM}.mp4) instead")
+                                 f"to give masks, pass the video ({videos[0]}) instead")
         video, paths, auto, caption, how = _explicit(input, masks, caption)
     elif input.is_dir() and not (input / "00000.png").exists():
         video, paths, auto, caption, how = _from_folder(input, caption)

@@ -24,6 +24,7 @@ as, BT.709 limited range; readers (``video.read_video``) honour the tags.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import av
+import mlx.core as mx
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
@@ -66,6 +68,23 @@ class WriteError(OmnimatteError):
         super().__init__(f"{path}: writing failed ({reason}); nothing was written")
         self.reason = reason
 
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict | None = None) -> None:
+    """``mx.save_safetensors`` in the system's words: MLX reports a failed
+    write (a full disk) as a RuntimeError, which would escape the one-line
+    error policy as a traceback."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    except RuntimeError as e:
+        path = Path(path)
+        if free_bytes(path.parent) < sum(a.nbytes for a in arrays.values()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise WriteError(path, " ".join(str(e).split())) from None
 
 
 def _remove(path: Path) -> None:

@@ -29,6 +29,7 @@ per block).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,6 +56,14 @@ from .conditioning import (CHANNELS_PER_LATENT_FRAME, VAE_STRIDE, condition_chan
 from .settings import Settings, vae_budget
 from .stages import free, load_stage
 from .windows import DEFAULT_WINDOW
+
+class NothingToMeasure(OmnimatteError):
+    """A clip whose effect lies inside the dilated object mask: skipped, not fatal."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
 
 DEFAULT_T = 0.8  # a high-noise step, where the Effect expert runs (t > tau = 0.5)
 EFFECT_THRESHOLD = 0.05  # effect alpha above this is effect (shadows are 30-70% opaque)
@@ -190,17 +199,30 @@ def prepare_clip(folder: Path, settings: Settings, patch: tuple) -> ClipInput:
                              f"{OBJECT_COVERAGE:.0%} object); use a larger --size or a larger object")
     weight = token_coverage(effect_region(effect, plan, masks[0]), patch)
     if not weight.any():
-        raise OmnimatteError(f"{folder}: the effect in {EFFECT_DIR} lies entirely inside the dilated object "
-                             "mask (or is empty): nothing to measure")
+        raise NothingToMeasure(f"{folder}: the effect in {EFFECT_DIR} lies entirely inside the dilated object "
+                               "mask (or is empty): nothing to measure")
     return ClipInput(folder.name, clip, plan, masks, truth["background"][:n], objects, weight)
 
 
-def prepare_clips(folders: list[Path], settings: Settings, patch: tuple, report: Report) -> list[ClipInput]:
+def prepare_clips(folders: list[Path], settings: Settings, patch: tuple, report: Report,
+                  say=_stderr) -> list[ClipInput]:
+    """The clips' inputs; a clip with nothing to measure is skipped with one
+    line to ``say`` (small synthetic clips make such clips), not the data set."""
+    items, skipped = [], []
     with stage(report, "prepare clips", len(folders)) as tick:
-        items = []
         for f in folders:
-            items.append(prepare_clip(f, settings, patch))
+            try:
+                items.append(prepare_clip(f, settings, patch))
+            except NothingToMeasure as e:
+                skipped.append(e)
             tick(f.name)
+    if not items and len(skipped) == 1:
+        raise skipped[0]
+    if not items:
+        raise OmnimatteError(f"{folders[0].parent}: no clip has an effect outside its dilated object mask: "
+                             "nothing to measure (a larger --size or other clips)")
+    for e in skipped:
+        say(f"{e}; skipped")
     return items
 
 
@@ -231,7 +253,7 @@ def encode_latents(vae, items: list[ClipInput], settings: Settings, report: Repo
     clips the model-grid frame of each latent frame (else None)."""
     budget = vae_budget(settings)
     out = []
-    with stage(report, "vae encode", len(items)) as tick:
+    with stage(report, "vae encode", sum(2 * i.plan.frames for i in items)) as tick:  # video and plate
         for n, item in enumerate(items):
             video = model_video(item.clip, item.plan)
             plate = model_video(replace(item.clip, frames=item.background), item.plan)
@@ -243,7 +265,7 @@ def encode_latents(vae, items: list[ClipInput], settings: Settings, report: Repo
                 picks = np.minimum(np.arange(cond.shape[1]) * CHANNELS_PER_LATENT_FRAME, video.shape[0] - 1)
                 frames = np.clip(np.rint((video[picks] + 1.0) * 127.5), 0, 255).astype(np.uint8)
             out.append((cond, z0, frames))
-            tick(item.name)
+            tick(item.name, n=2 * item.plan.frames)
     return out
 
 
@@ -263,13 +285,14 @@ def dit_patch(bundle: Bundle) -> tuple:
 
 def run_analysis(data, bundle: Bundle, t: float = DEFAULT_T, clips: int | None = None,
                  settings: Settings | None = None, report: Report = None,
-                 budget_bytes: int | None = None) -> Analysis:
+                 budget_bytes: int | None = None, say=_stderr) -> Analysis:
     """Analyze the first `clips` clips of `data` at noise level `t` in [0, 1].
-    Every input is checked before any weight loads."""
+    Every input is checked before any weight loads; a clip with nothing to
+    measure is skipped with one line to `say`."""
     t = check_t(t)
     settings = settings or Settings()
     folders = find_clips(data, clips)
-    items = prepare_clips(folders, settings, dit_patch(bundle), report)
+    items = prepare_clips(folders, settings, dit_patch(bundle), report, say)
     texts = encode_texts(bundle, items, settings, report)
     vae = load_stage(bundle, "vae", report)
     latents = encode_latents(vae, items, settings, report)

@@ -20,7 +20,7 @@ from ..branch.experts import KINDS
 from ..bundle import Bundle, open_bundle
 from ..compositing import as_float
 from ..encoders.text import prompt_cached
-from ..errors import OmnimatteError
+from ..errors import OmnimatteError, article
 from ..io.compose import FIT_MODES, check_size, fit_times
 from ..io.grid import GridVideo, plan_grid, resize_frames
 from ..io.inputs import Clip, ClipSpec, read_clip, read_frames, resolve_clip
@@ -191,7 +191,8 @@ def with_experts(bundle: Bundle, expert_dirs: dict) -> Bundle:
             raise OmnimatteError(f"--expert {kind}={path}: not an expert directory")
         given = read_config(Path(path)).get("kind") if (Path(path) / "config.json").is_file() else None
         if given not in (None, kind):
-            raise OmnimatteError(f"--expert {kind}={path}: that is a {given} expert (give it as {given}={path})")
+            raise OmnimatteError(f"--expert {kind}={path}: that is {article(given)} expert "
+                                 f"(give it as {given}={path})")
     experts = {**bundle.manifest.get("experts", {}), **{k: str(Path(p).resolve()) for k, p in expert_dirs.items()}}
     return replace(bundle, manifest={**bundle.manifest, "experts": experts})
 

@@ -25,7 +25,7 @@ TEXT_TOKENS = 512  # the caption is encoded to this many tokens
 SCORE_PEAK = 1.25  # attention peak / one chunk's score elements x itemsize (measured, memory.py)
 
 
-# Host RAM outside MLX, from scripts/bench_memory.py (1080p and 640x384
+# Host RAM outside MLX, from parity/bench_memory.py (1080p and 640x384
 # sources, tiny bundle): the process with its libraries, and per source
 # pixel what a frame costs while it is read (decoded uint8, area-resize
 # temporaries) or written (float alpha, background, colour, RGBA, preview),

@@ -11,7 +11,7 @@ from ..branch.experts import KINDS, check_tau
 from ..errors import OmnimatteError
 from ..memory import machine_memory
 from ..removers import Remover
-from ..sampling import make_sampler
+from ..sampling import DEFAULT_SEED, make_sampler
 from ..step_cache import TEACACHE_THRESHOLD, parse_cache
 from .windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, make_windows
 
@@ -35,7 +35,7 @@ class Settings:
     """Every knob of a run; the defaults are the reference's."""
 
     steps: int = 50
-    seed: int = 43
+    seed: int = DEFAULT_SEED
     shift: float = 5.0
     sampler: str = "euler"
     size: str | None = None  # "WxH" on the model grid; default: ~480x832 area, source aspect

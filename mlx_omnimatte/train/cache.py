@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import OmnimatteError
+from ..io.writers import save_safetensors
 from ..jsonfile import read_json
 from ..weights import fingerprint
 
@@ -47,7 +48,7 @@ def write_sample(root: Path, index: int, arrays: dict, meta: dict) -> None:
     path = sample_file(root, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={k: str(v) for k, v in meta.items()})
+    save_safetensors(tmp, arrays, {k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
 
 

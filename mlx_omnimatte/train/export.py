@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import OmnimatteError
-from ..io.writers import atomic_output
+from ..io.writers import atomic_output, save_safetensors
 from ..weights import load_model
 
 FILES = {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
@@ -71,7 +71,7 @@ def export_expert(expert_dir, fmt: str, out, overwrite: bool = False) -> Path:
         meta = {"format": "pt"}
         if fmt == "diffusers":
             meta["lora_adapter_metadata"] = json.dumps({"transformer": peft_config(expert)})
-        mx.save_safetensors(str(tmp / name), lora_tensors(expert, fmt), metadata=meta)
+        save_safetensors(tmp / name, lora_tensors(expert, fmt), meta)
         (tmp / name.replace(".safetensors", ".json")).write_text(json.dumps(manifest(expert), indent=2))
         if fmt == "peft":
             (tmp / "adapter_config.json").write_text(json.dumps(peft_config(expert), indent=2))

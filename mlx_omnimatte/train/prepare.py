@@ -16,6 +16,7 @@ multiples of 16 (or ``size``), frames padded to 4n+1 as at inference.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +29,7 @@ from ..encoders.image import clip_features
 from ..io.grid import pad_frames, plan_grid, resize_frames
 from ..io.inputs import find_clip_files, load_clip_folder, mask_name, read_caption
 from ..io.video import iter_frames
+from ..io.writers import check_output
 from ..io.truth import read_truth
 from ..progress import Report, stage
 from ..encoders.text import encode_prompts
@@ -109,18 +111,28 @@ def _listing(folders, size) -> list[dict]:
     return rows
 
 
-def open_or_create(out: Path, bundle, data: Path, size, folders) -> dict:
+def open_or_create(out: Path, bundle, data: Path, size, folders, overwrite: bool = False) -> dict:
     """The manifest of ``out``: a new one, or the existing one of the same
-    bundle, data and grid (resume); anything else there is refused."""
+    bundle, data and grid (resume); anything else there is refused, unless
+    ``overwrite`` (whatever is there is replaced by a new cache)."""
     want = {"format": lc.FORMAT, "version": lc.VERSION, "encoders": lc.bundle_identity(bundle),
             "bundle": str(bundle.root), "data": str(Path(data).resolve()), "size": size,
             "listing": _listing(folders, size)}
-    if out.exists():
-        have = lc.read_manifest(out)
+    check_output(out, overwrite=True)  # writable, not the current folder
+    if out.is_dir() and not out.is_symlink() and overwrite:
+        shutil.rmtree(out)
+    elif (out.exists() or out.is_symlink()) and overwrite:
+        out.unlink()
+    elif out.exists():
+        try:
+            have = lc.read_manifest(out)
+        except OmnimatteError:
+            raise OmnimatteError(f"{out}: already exists and is not a latent cache (add --overwrite to replace it)"
+                                 ) from None
         for key in ("encoders", "data", "size", "listing"):
             if have.get(key) != want[key]:
                 raise OmnimatteError(f"{out}: a cache of other {key if key != 'encoders' else 'encoders (another bundle)'}"
-                                     f"; choose another -o or remove it")
+                                     f"; choose another -o, or add --overwrite to replace it")
         return have
     out.mkdir(parents=True)
     manifest = {**want, "complete": False, "samples": []}
@@ -153,15 +165,17 @@ def encode_conditions(bundle, folders, cache_dir, report: Report = None) -> dict
     return {n: (contexts[captions[n]], feats[n]) for n in frames}
 
 
-def prepare(bundle_path, data, out, size: str | None = None, cache_dir=None, report: Report = None) -> Path:
-    """Encode ``data`` into the cache ``out`` (resuming an interrupted one)."""
+def prepare(bundle_path, data, out, size: str | None = None, cache_dir=None, report: Report = None,
+            overwrite: bool = False) -> Path:
+    """Encode ``data`` into the cache ``out`` (resuming an interrupted one;
+    ``overwrite``: replacing whatever ``out`` holds)."""
     out = Path(out)
     bundle = open_bundle(bundle_path, need=lc.ENCODERS)
     if bundle.remover.prompt == "none":
         raise OmnimatteError(f"{bundle_path}: {bundle.remover.name} has no cross-attention; experts (LoRA on "
                              "cross_attn q/o) train on a Casper or ROSE bundle")
     folders = clip_folders(data)
-    manifest = open_or_create(out, bundle, Path(data), size, folders)
+    manifest = open_or_create(out, bundle, Path(data), size, folders, overwrite)
     if manifest.get("complete"):
         return out
     done = {s["index"]: s for s in manifest["samples"] if lc.sample_file(out, s["index"]).is_file()}

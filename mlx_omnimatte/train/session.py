@@ -34,16 +34,19 @@ def work_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.train")
 
 
-def resume_point(out: Path, resume: bool) -> Path | None:
+def resume_point(out: Path, resume: bool, overwrite: bool = False) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuses what
-    would lose or overwrite work."""
+    would lose or overwrite work unless ``overwrite`` (a fresh run that
+    replaces OUT and an interrupted run's checkpoint)."""
     work = work_dir(out) / CHECKPOINT
+    if resume and overwrite:
+        raise OmnimatteError("--resume continues a run and --overwrite starts afresh: give one of them")
     if not resume:
-        if work.is_dir():
+        if work.is_dir() and not overwrite:
             step = read_meta(work).get("step")
             raise OmnimatteError(f"{out}: an interrupted run left a checkpoint at step {step} in {work.parent}; "
-                                 "pass --resume to continue it (or remove that folder)")
-        check_output(out)  # "exists": pass --resume to train it further
+                                 "add --resume to continue it (or --overwrite to start afresh)")
+        check_output(out, overwrite)  # "exists": add --resume to train it further, or --overwrite
         return None
     for cand in (work, out / TRAINING):
         if cand.is_dir():
@@ -70,16 +73,17 @@ def check_batch(cache: LatentCache, settings: TrainSettings) -> None:
 
 def run_training(bundle_path, cache_path, out, settings: TrainSettings, resume: bool = False,
                  dtype: str | None = None, report: Report = None, say=print, val_cache=None,
-                 val: ValidationSettings | None = None) -> Path:
+                 val: ValidationSettings | None = None, overwrite: bool = False) -> Path:
     """Train an expert into ``out``; ``say`` gets one-line notices (resume,
-    validation errors at each checkpoint when ``val_cache`` is given)."""
+    validation errors at each checkpoint when ``val_cache`` is given);
+    ``overwrite``: a fresh run that replaces ``out`` when it completes."""
     out = Path(out)
     bundle = open_bundle(bundle_path, need=("transformer", *ENCODERS))
     cache = LatentCache(cache_path, bundle)
     held_out = LatentCache(val_cache, bundle) if val_cache is not None else None
     settings = settings.resolve(bundle.config("transformer")["num_layers"])
     check_batch(cache, settings)
-    start = resume_point(out, resume)
+    start = resume_point(out, resume, overwrite)
     identity = {"base_model": fingerprint(bundle.path("transformer")), "cache": cache.manifest["encoders"]}
     state = None
     if start is not None:
@@ -91,6 +95,8 @@ def run_training(bundle_path, cache_path, out, settings: TrainSettings, resume: 
     model = load_model(bundle.path("transformer"), "transformer", dtype=dtype)
     size, rank = distributed.world()
     work = work_dir(out)
+    if start is None and rank == 0:
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run's checkpoint that --overwrite replaces
 
     def checkpoint(s: TrainState) -> None:
         if rank != 0:
@@ -103,7 +109,7 @@ def run_training(bundle_path, cache_path, out, settings: TrainSettings, resume: 
 
     state = train(model, cache, settings, state, report, checkpoint, world=size, rank=rank)
     if rank == 0:
-        write_output(out, state, settings, model.config, identity, overwrite=resume)
+        write_output(out, state, settings, model.config, identity, overwrite=resume or overwrite)
         shutil.rmtree(work, ignore_errors=True)
     return out
 

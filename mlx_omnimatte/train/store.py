@@ -25,6 +25,7 @@ from ..convert.lora import convert_lora
 from ..convert.readers import Checkpoint, LazyTensor
 from ..convert.writer import write_converted_into
 from ..errors import OmnimatteError
+from ..io.writers import save_safetensors
 from .trainer import TrainSettings, TrainState, make_optimizer
 
 STATE_FILE = "state.safetensors"
@@ -58,8 +59,8 @@ def save_checkpoint(folder: Path, state: TrainState, settings: TrainSettings, id
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     arrays = {**_flatten({"lora": state.lora}), **_flatten({"optimizer": state.optimizer.state})}
-    mx.save_safetensors(str(tmp / STATE_FILE), {k: v.astype(mx.float32) if v.dtype != mx.float32 else v
-                                                for k, v in arrays.items()})
+    save_safetensors(tmp / STATE_FILE, {k: v.astype(mx.float32) if v.dtype != mx.float32 else v
+                                        for k, v in arrays.items()})
     meta = {"step": state.step, "settings": asdict(settings), "losses": state.losses, **identity}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -31,7 +31,7 @@ from mlx.utils import tree_map
 
 from ..branch.experts import DEFAULT_MASK, DEFAULT_TAU, KINDS
 from ..errors import OmnimatteError
-from ..sampling import NUM_TRAIN_TIMESTEPS, shift_sigmas
+from ..sampling import DEFAULT_SEED, NUM_TRAIN_TIMESTEPS, shift_sigmas
 from . import distributed
 from .forward import expert_from_lora, init_lora, inpaint_pass, lora_blocks, replica_pass
 
@@ -54,7 +54,7 @@ class TrainSettings:
     betas: tuple = (0.9, 0.999)
     batch: int = 1  # samples per micro-batch per process
     grad_accum: int = 1
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     # timesteps: uniform over the training schedule's 1000 steps, with the
     # schedule's sigma shift (Casper's training script: uniform, shift 5)
     timesteps: str = "uniform"

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..branch.experts import Expert, select
 from ..branch.forward import branch_forward
-from ..sampling import make_sampler, sample
+from ..sampling import DEFAULT_SEED, make_sampler, sample
 from .trainer import stack_batch
 
 OBJECT_THRESHOLD = 0.5
@@ -35,7 +35,7 @@ class ValidationSettings:
     shift: float = 5.0
     sampler: str = "euler"
     tau: float | None = None  # None: 0 with only an Effect expert, 1 with only a Quality one, else 0.5
-    seed: int = 43
+    seed: int = DEFAULT_SEED
 
 
 def _tau(vs: ValidationSettings, effect, quality) -> float:

@@ -2,13 +2,13 @@
 bundle, `--size 128x64 --steps 1`) on a 1080p clip of 85 frames and of 4x
 that length, next to what `--dry-run` predicts per stage.
 
-    python scripts/bench_memory.py --work /tmp/bench-memory [--frames 85] [--size 1920x1080]
-    python scripts/bench_memory.py --work /tmp/bench-memory --clip ../shared/data/examples/boys-beach --grid 320x192
+    python parity/bench_memory.py --work /tmp/bench-memory [--frames 85] [--size 1920x1080]
+    python parity/bench_memory.py --work /tmp/bench-memory --clip ../shared/data/examples/boys-beach --grid 320x192
 
 Prints, per clip length: the planner's predicted peak (MLX + host) and the
 measured max RSS of the run (os.wait4 of the child process), and the ratio
 of the long run's RSS to the short one's. No weights are downloaded: the
-bundle is the tests' tiny random one, converted by the real CLI.
+bundle is the tiny random one of `mlx-omnimatte tiny-bundle`, converted by the real converter.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' tiny bundle builder
+from mlx_omnimatte.convert.tiny import write_tiny_bundle
+from mlx_omnimatte.io.grid import mirror_indices, resize_frames
+from mlx_omnimatte.io.writers import video_sink
+from mlx_omnimatte.synth import make_clip
 
-from mlx_omnimatte.io.grid import mirror_indices, resize_frames  # noqa: E402
-from mlx_omnimatte.io.writers import video_sink  # noqa: E402
-from mlx_omnimatte.synth import make_clip  # noqa: E402
-from tiny_models import tiny_bundle  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GB = 1024 ** 3
 STAGE_LINES = ("write", "read video", "vae encode", "load experts", "load vae", "load transformer", "image encoder",
@@ -85,7 +84,7 @@ def main() -> None:
     size = tuple(int(v) for v in a.size.lower().split("x"))
     bundle = a.work / "bundle"
     if not bundle.exists():
-        tiny_bundle(a.work)
+        write_tiny_bundle(bundle, experts=True)
     if a.clip is not None:
         return measure(a.clip, bundle, a.work / "out_clip", ["--size", a.grid] if a.grid else [])
     figures = {}
