@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
+from mlx_omnimatte.analysis.report import summary_text, write_report
+from mlx_omnimatte.analysis.run import DEFAULT_T, check_t, run_analysis
 from mlx_omnimatte.bundle import open_bundle
-from mlx_omnimatte.weights import BUNDLE_COMPONENTS
 from mlx_omnimatte.io.writers import check_output
-from mlx_omnimatte.pipelines.analyze import DEFAULT_T, check_t, run_analysis, summary_text, write_report
 from mlx_omnimatte.pipelines.settings import Settings
 from mlx_omnimatte.progress import Progress
 from mlx_omnimatte.sampling import DEFAULT_SEED
+from mlx_omnimatte.weights import BUNDLE_COMPONENTS
 
 
 @click.command("analyze")

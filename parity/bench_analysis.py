@@ -114,7 +114,7 @@ def kernel_inputs(args, rows: int, seed: int = 1):
 def mlx_kernel(args, rows: int, budget: int) -> tuple[float, int, int]:
     import mlx.core as mx
 
-    from mlx_omnimatte.analysis import key_mass, probe_chunk
+    from mlx_omnimatte.analysis.scores import key_mass, probe_chunk
     from mlx_omnimatte.models.base import DTYPES
 
     q, k, idx = kernel_inputs(args, rows)
@@ -183,7 +183,7 @@ def main(argv=None):
         rows, chunk = (int(v) for v in args.torch_kernel.split(":"))
         print(json.dumps(torch_kernel(args, rows, chunk)))
         return
-    from mlx_omnimatte.analysis import block_scores
+    from mlx_omnimatte.analysis.scores import block_scores
 
     budget = args.budget_mib << 20
     model, x, ctx = build(args)

@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 
 from mlx_omnimatte import synth
-from mlx_omnimatte.analysis import block_scores, key_mass, partition, probe_attn_fn
+from mlx_omnimatte.analysis.scores import block_scores, key_mass, partition, probe_attn_fn
 from mlx_omnimatte.io.writers import write_png_frames
 from mlx_omnimatte.models.base import sdpa
 from mlx_omnimatte.models.wan import transformer
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.io.grid import plan_grid
-from mlx_omnimatte.pipelines.analyze import EFFECT_THRESHOLD, effect_region, find_clips, token_coverage
+from mlx_omnimatte.analysis.run import EFFECT_THRESHOLD, effect_region, find_clips, token_coverage
 from helpers import run_cli
 from tiny_models import DIT, write_fun_folder
 
@@ -313,7 +313,7 @@ def test_vae_encode_counts_frames(bundle, data):
             seen.append((done, total))
 
     from mlx_omnimatte.bundle import open_bundle
-    from mlx_omnimatte.pipelines.analyze import run_analysis
+    from mlx_omnimatte.analysis.run import run_analysis
     from mlx_omnimatte.pipelines.settings import Settings
 
     run_analysis(data, open_bundle(bundle), 0.7, None, Settings(size="128x96", dtype="float32"), report)

@@ -31,7 +31,7 @@ LAYERS = {
     "mlx_omnimatte.train": 7,
     "mlx_omnimatte.pipelines": 8,
     # work over data sets, built from the pipelines' pieces
-    "mlx_omnimatte.train.prepare": 9,
+    "mlx_omnimatte.train.prepare": 9, "mlx_omnimatte.analysis.run": 9,
     "mlx_omnimatte.cli": 10,
 }
 # the package's lazy API (`mo.decompose`) sits above everything by design

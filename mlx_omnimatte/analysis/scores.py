@@ -28,9 +28,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import OmnimatteError
-from .memory import DEFAULT_ATTENTION_BUDGET, query_chunk
-from .models.base import sdpa
+from ..errors import OmnimatteError
+from ..memory import DEFAULT_ATTENTION_BUDGET, query_chunk
+from ..models.base import sdpa
 
 STAGES = ("context", "perception", "suppression")
 TROUGH_TOLERANCE = 0.1  # share of the peak's height above a trough still counted as the trough
@@ -201,3 +201,46 @@ def partition(curve, tolerance: float = TROUGH_TOLERANCE) -> Stages:
     peak = int(np.argmax(c))
     left, right = _trough_before(c, peak, tolerance), _trough_after(c, peak, tolerance)
     return Stages(range(0, left + 1), range(left + 1, right), range(right, c.size))
+
+
+# --------------------------------------------------------------------------- the results
+
+
+@dataclass
+class ClipResult:
+    name: str
+    scores: BlockScores
+    frames: np.ndarray | None  # uint8 [F', H, W, 3]: the model-grid input frame of each latent frame
+    object_tokens: np.ndarray  # bool [f, h, w]
+    effect_weight: np.ndarray  # float32 [f, h, w]
+
+
+@dataclass
+class Analysis:
+    t: float
+    results: list[ClipResult]
+    stages: Stages
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.results]
+
+    @property
+    def contributions(self) -> np.ndarray:
+        """[clips, blocks]: C_b per clip."""
+        return np.stack([r.scores.contribution for r in self.results])
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.contributions.mean(axis=0)
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.contributions.std(axis=0)
+
+    def per_block(self, field: str) -> np.ndarray:
+        """Mean over clips of a BlockScores field (seconds, peak_bytes, added_bytes)."""
+        return np.mean([getattr(r.scores, field) for r in self.results], axis=0)
+
+
+# --------------------------------------------------------------------------- inputs
