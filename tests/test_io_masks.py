@@ -1,6 +1,5 @@
 """Mask reading, validation, binarization, dilation and trimasks."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,11 @@ from mlx_omnimatte.io.masks import (
     binarize_mask,
     build_trimask,
     dilate_mask,
-    load_mask,
     prepare_mask,
     read_mask,
 )
-from mlx_omnimatte.io.video import VideoInfo, probe_video
+from mlx_omnimatte.io.inputs import read_clip, resolve_clip
+from mlx_omnimatte.io.video import probe_video
 from mlx_omnimatte.io.writers import write_video
 from helpers import EXAMPLES
 
@@ -32,6 +31,13 @@ def _box_mask(t=T, h=H, w=W):
     for i in range(t):
         m[i, 10:30, 8 + i : 30 + i] = 255
     return m
+
+
+def load_mask(path, video_info):
+    """A mask as a run reads it (resolved against its video from the headers,
+    then decoded and checked frame by frame): (raw uint8 mask, its info)."""
+    clip = read_clip(resolve_clip(video_info.path, [path]))
+    return clip.masks[0], clip.mask_infos[0]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,9 @@ def test_zero_one_png_masks_are_scaled(tmp_path):
         Image.fromarray(m).save(folder / f"{i:03d}.png")
     mask, info = read_mask(folder)
     assert set(np.unique(mask)) == {0, 255}
-    load_mask(folder, VideoInfo(Path("v"), 16.0, T, W, H))
+    video = probe_video(write_video(tmp_path / "input_video.mp4", np.full((T, H, W, 3), 90, np.uint8), FPS))
+    loaded, _ = load_mask(folder, video)
+    np.testing.assert_array_equal(loaded, _box_mask())
 
 
 def test_binarize_threshold_is_240():

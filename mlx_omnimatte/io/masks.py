@@ -99,20 +99,6 @@ def check_mask_counts(counts, path: str | Path, threshold: int = THRESHOLD,
         )
 
 
-def load_mask(
-    path: str | Path, video_info: VideoInfo, fps: float | None = None, max_frames: int | None = None
-) -> tuple[np.ndarray, VideoInfo]:
-    """Read a mask and validate it against the video it belongs to.
-
-    Returns the raw grayscale mask (uint8 ``[T, H, W]``): binarization is done
-    on the model grid, after resizing, as the reference does.
-    """
-    mask, info = read_mask(path, fps=fps if fps is not None else video_info.fps, max_frames=max_frames)
-    check_mask_matches(info, video_info)
-    check_mask_content(mask, info.path)
-    return mask, info
-
-
 def binarize_mask(mask: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
     """bool mask, True where ``mask >= threshold`` (uint8 or float on 0..255)."""
     return np.asarray(mask) >= threshold
