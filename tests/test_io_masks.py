@@ -1,6 +1,5 @@
 """Mask reading, validation, binarization, dilation and trimasks."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
