@@ -14,6 +14,7 @@ from mlx_omnimatte.io.outputs import listing, write_decomposition, write_removal
 from mlx_omnimatte.io.writers import check_not_input, check_output, check_space
 from mlx_omnimatte.pipelines.api import (METHOD_ALIASES, METHODS, REMOVE_TARGETS, Request, check_plan,
                                           decompose_request, execute, prepare, remove_request)
+from mlx_omnimatte.pipelines.conditioning import remover_prompt
 from mlx_omnimatte.pipelines.cost import format_seconds, long_run_advice
 from mlx_omnimatte.pipelines.optimize import PLATE_MILESTONES, OptimizeSettings
 from mlx_omnimatte.pipelines.plan import Outputs
@@ -256,8 +257,10 @@ def _fit_batch(request: Request, quiet: bool) -> None:
 
 def _say_cut_caption(prepared) -> None:
     """A caption longer than the text encoder reads is cut: one line says so."""
-    caption = prepared.request.clip.caption
-    if prepared.bundle is None or not caption:
+    if prepared.bundle is None:
+        return
+    caption = remover_prompt(prepared.bundle.remover, prepared.request.clip.caption)
+    if not caption:  # none given, or a removal model prompted with "" or not at all
         return
     n = prompt_tokens(prepared.bundle.path("t5"), caption)
     if n > TEXT_LEN:

@@ -17,7 +17,7 @@ from ..bundle import Bundle
 from ..errors import OmnimatteError
 from ..io.grid import GridPlan
 from ..io.preview import PANELS, panel_size
-from ..memory import DEFAULT_ATTENTION_BUDGET, GB, fused_attention
+from ..memory import DEFAULT_ATTENTION_BUDGET, GB, format_bytes, fused_attention
 from ..models.wan import vae_tiling
 from .settings import Mode, Settings, num_windows, vae_budget
 FIT_FRACTION = 0.85  # of the machine's memory a run may plan to use
@@ -105,7 +105,7 @@ class RunPlan:
         lines.append(f"predicted peak {self.peak / GB:.2f} GB (MLX + host) of {machine / GB:.1f} GB on this "
                      f"machine ({'fits' if self.fits(machine) else 'does NOT fit'})")
         if self.disk:
-            lines.append(f"outputs: about {self.disk / GB:.2f} GB on disk")
+            lines.append(f"outputs: about {format_bytes(self.disk)} on disk")
         return "\n".join(lines)
 
     def fits(self, machine: int) -> bool:
