@@ -4,7 +4,10 @@ a user runs it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,20 @@ def run_cli(args, capsys=None):
         return e.value.code, "", ""
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    output: str  # stdout and stderr together
+
+
+def invoke(args) -> CliResult:
+    """`run_cli` with its output kept, for helpers that have no capsys."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = run_cli(args)[0]
+    return CliResult(code, out.getvalue())
 
 
 def run_ok(args, capsys) -> str:

@@ -7,16 +7,14 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
 from mlx_omnimatte.encoders import image as image_encoder
-from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import clip
 from mlx_omnimatte.weights import load_model
-from helpers import run_cli
+from helpers import invoke, run_cli
 
 
 def open_clip_weights(width=1280, layers=1, mlp=256, grid=2, patch=14, seed=0):
@@ -88,7 +86,7 @@ def to_hf(w, layers=1):
 
 
 def convert(*args):
-    return CliRunner().invoke(cli, ["convert", *map(str, args)])
+    return invoke(["convert", *args])
 
 
 # --------------------------------------------------------------------------- model

@@ -6,23 +6,21 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from ckpt_utils import save_torch_zip
-from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
 from mlx_omnimatte.encoders.text import load_text_encoder
 from mlx_omnimatte.weights import load_model
-from helpers import run_cli
+from helpers import invoke, run_cli
 from encoder_utils import hf_weights, make_tokenizer, to_wan
 
 CFG = dict(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=2)
 
 
 def convert(*args):
-    return CliRunner().invoke(cli, ["convert", *map(str, args)])
+    return invoke(["convert", *args])
 
 
 @pytest.fixture

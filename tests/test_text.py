@@ -6,7 +6,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from encoder_utils import CORPUS, hf_weights, make_tokenizer
@@ -15,7 +14,7 @@ from mlx_omnimatte.cli.main import cli
 from mlx_omnimatte.cli.prompts import encode_prompts_cmd
 from mlx_omnimatte.errors import OmnimatteError
 from mlx_omnimatte.models import t5
-from helpers import run_cli
+from helpers import invoke, run_cli
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
@@ -25,8 +24,7 @@ def t5_dir(tmp_path_factory):
     src.mkdir()
     save_file(hf_weights(seed=5), str(src / "model.safetensors"))
     make_tokenizer(src)
-    res = CliRunner().invoke(cli, ["convert", str(src / "model.safetensors"), "-o", str(root / "t5"),
-                                   "--dtype", "float32"])
+    res = invoke(["convert", src / "model.safetensors", "-o", root / "t5", "--dtype", "float32"])
     assert res.exit_code == 0, res.output
     return root / "t5"
 
