@@ -72,7 +72,6 @@ def cli():
       mlx-omnimatte evaluate out/synth --clip clips/synth --truth clips/synth/truth
     Masks from a few words (needs the extra: pip install "mlx-omnimatte[masks]"):
       mlx-omnimatte mask beach.mp4 --text "a boy" -o clips/beach
-
     Without a download (random weights: the outputs mean nothing, for trying the commands):
       mlx-omnimatte tiny-bundle -o models/tiny --experts
     With converted weights:
