@@ -53,7 +53,8 @@ def analyze(bundle, data, out, t, clips, size, dtype, seed, cache_dir, overwrite
     settings = Settings(size=size, dtype=dtype, seed=seed, cache_dir=cache_dir)
     b = open_bundle(bundle, need=BUNDLE_COMPONENTS)
     progress = Progress(enabled=not quiet)
-    analysis = run_analysis(data, b, t, clips, settings, report=progress.report)
+    analysis = run_analysis(data, b, t, clips, settings, report=progress.report,
+                            say=lambda line: click.echo(line, err=True))
     write_report(analysis, out, overwrite, report=progress.report)
     if not quiet:
         click.echo(progress.summary(), err=True)

@@ -28,7 +28,6 @@ per block).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,10 +55,6 @@ from .scores import Analysis, ClipResult, block_scores, partition
 
 class NothingToMeasure(OmnimatteError):
     """A clip whose effect lies inside the dilated object mask: skipped, not fatal."""
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 DEFAULT_T = 0.8  # a high-noise step, where the Effect expert runs (t > tau = 0.5)
@@ -160,7 +155,7 @@ def prepare_clip(folder: Path, settings: Settings, patch: tuple) -> ClipInput:
 
 
 def prepare_clips(folders: list[Path], settings: Settings, patch: tuple, report: Report,
-                  say=_stderr) -> list[ClipInput]:
+                  say=None) -> list[ClipInput]:
     """The clips' inputs; a clip with nothing to measure is skipped with one
     line to ``say`` (small synthetic clips make such clips), not the data set."""
     items, skipped = [], []
@@ -177,7 +172,8 @@ def prepare_clips(folders: list[Path], settings: Settings, patch: tuple, report:
         raise OmnimatteError(f"{folders[0].parent}: no clip has an effect outside its dilated object mask: "
                              "nothing to measure (a larger --size or other clips)")
     for e in skipped:
-        say(f"{e}; skipped")
+        if say is not None:
+            say(f"{e}; skipped")
     return items
 
 
@@ -240,10 +236,11 @@ def dit_patch(bundle: Bundle) -> tuple:
 
 def run_analysis(data, bundle: Bundle, t: float = DEFAULT_T, clips: int | None = None,
                  settings: Settings | None = None, report: Report = None,
-                 budget_bytes: int | None = None, say=_stderr) -> Analysis:
+                 budget_bytes: int | None = None, say=None) -> Analysis:
     """Analyze the first `clips` clips of `data` at noise level `t` in [0, 1].
     Every input is checked before any weight loads; a clip with nothing to
-    measure is skipped with one line to `say`."""
+    measure is skipped with one line to `say` (the caller's, as `report`;
+    None: silent)."""
     t = check_t(t)
     settings = settings or Settings()
     folders = find_clips(data, clips)
