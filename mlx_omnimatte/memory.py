@@ -13,6 +13,7 @@ queries are cut into chunks whose scores fit a byte budget.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import contextmanager
 
@@ -52,6 +53,88 @@ def buffer_cache(limit: int = CPU_BUFFER_CACHE):
     finally:
         mx.set_cache_limit(previous)
         mx.clear_cache()
+
+
+# glibc's malloc gives every freed block over its mmap threshold (32 MiB at
+# most) back to the kernel and trims its heap's top past 128 KiB, so MLX's
+# large CPU buffers (and torch's) came back as fresh zeroed pages: at a
+# 672x384, batch-16 U-Net iteration half the CPU time was the kernel
+# clearing pages (parity/bench_optimize.py). Kept, the heap is reused.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_KEPT_HEAP = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 256 << 20))  # -1: never trim
+_GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 << 10), (_M_TOP_PAD, 128 << 10))
+_heap_depth = [0]
+
+
+def _libc():
+    """The process's C library where it is glibc (mallopt, malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _mallopt(libc, options) -> None:
+    for option, value in options:
+        libc.mallopt(ctypes.c_int(option), ctypes.c_int(value))
+
+
+@contextmanager
+def kept_heap():
+    """Within the block (nested blocks: the outermost), glibc keeps freed
+    memory for reuse: no mmap'd blocks, no trimming. After it, glibc's
+    defaults and the unused heap given back. Elsewhere (macOS, Metal's
+    allocator, musl) nothing changes."""
+    libc = _libc() if mx.default_device().type == mx.DeviceType.cpu else None
+    outermost = libc is not None and not _heap_depth[0]
+    if outermost:
+        _mallopt(libc, _KEPT_HEAP)
+    _heap_depth[0] += 1
+    try:
+        yield
+    finally:
+        _heap_depth[0] -= 1
+        if outermost:
+            _mallopt(libc, _GLIBC_DEFAULTS)
+            libc.malloc_trim(ctypes.c_size_t(0))
+
+
+@contextmanager
+def blas_threads(n: int):
+    """OpenBLAS (where it serves MLX's matmuls in this process) on ``n``
+    threads within the block: the U-Net's batch parts each run their own
+    matmuls on their own stream, and two-thread GEMMs on both oversubscribe
+    the cores (~20% slower at 672x384). Elsewhere (Accelerate, the GPU)
+    nothing changes."""
+    try:
+        lib = ctypes.CDLL(None)
+        get, set_ = lib.openblas_get_num_threads, lib.openblas_set_num_threads
+    except (OSError, AttributeError):
+        yield
+        return
+    before = get()
+    set_(ctypes.c_int(n))
+    try:
+        yield
+    finally:
+        set_(ctypes.c_int(before))
+
+
+# MLX's CPU backend runs a stream's ops one at a time, elementwise ones on a
+# single core: work split across streams is what keeps both cores busy
+# (the U-Net's batch parts, attention's head groups).
+CPU_STREAMS = 2
+_streams: dict[str, list] = {}  # per device: stream k (the first, the device's default stream)
+
+
+def streams(n: int, device=None) -> list:
+    """``n`` streams of ``device`` (default: the default device), the same ones each call."""
+    device = device or mx.default_device()
+    pool = _streams.setdefault(str(device), [mx.default_stream(device)])
+    while len(pool) < n:
+        pool.append(mx.new_stream(device))
+    return pool[:n]
 
 
 def fused_attention(device=None) -> bool:

@@ -148,7 +148,8 @@ def main(argv=None):
     print(f"grid {grid.width}x{grid.height}, {grid.frames} frames, {OBJECTS} objects; {tokens} tokens a forward "
           f"(measured forward: {measured['layers']} blocks at {measured['tokens']} tokens, float32, "
           f"{measured['seconds']:.1f} s, blocks {blocks:.1f} s, load {measured.get('load', 0):.1f})")
-    print(f"30-block forward on this CPU: {per_forward:.1f} s (embeddings + head + 15 x the 2 blocks); matmul probe "
+    print(f"30-block forward on this CPU: {per_forward:.1f} s (embeddings + head + "
+          f"{LAYERS // measured['layers']} x the {measured['layers']} measured); matmul probe "
           f"float32 {rates.flops('float32') / 1e9:.0f}, bfloat16 {rates.flops('bfloat16') / 1e9:.0f} GFLOP/s")
     table, totals = {}, {}
     for run in RUNS:

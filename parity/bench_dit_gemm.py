@@ -11,8 +11,9 @@ Two variants, each in its own process (the allocator's state is per process):
 
 * before: MLX's CPU buffer cache at its default (32 MiB): every attention
   chunk's scores and every FFN hidden are fresh pages.
-* after: inside `memory.buffer_cache()` (freed buffers kept for reuse), as
-  the pipelines run the DiT.
+* after: inside `memory.buffer_cache()` (MLX keeps freed buffers for reuse)
+  and `memory.kept_heap()` (glibc keeps its heap: no page handed back to
+  the kernel and taken again zeroed), as the pipelines run the DiT.
 
 Both run the model's attention (`models.base.sdpa`: MLX's SDPA per query
 chunk; its CPU fallback is matmul, softmax, matmul). `--exp` also times, on
@@ -40,12 +41,14 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_omnimatte.memory import attention_chunk, buffer_cache
+from mlx_omnimatte.memory import attention_chunk, blas_threads, buffer_cache, kept_heap
+from mlx_omnimatte.models import base
 from mlx_omnimatte.models.wan import transformer as wan
 
 SLICE = 4096  # rows of the linears' rate measurement
@@ -80,12 +83,15 @@ class Clock:
 
 
 def attention(clock, q, k, v, name):
-    """`base.sdpa`'s chunking, each chunk timed as one attention section."""
+    """`base.sdpa`'s chunking and head-group streams, each chunk timed as one
+    attention section."""
     b, h, lq, d = q.shape
-    chunk = attention_chunk(h, k.shape[2], lq, q.dtype, b)
-    attend = mx.fast.scaled_dot_product_attention
-    outs = [clock.run(name, lambda s: attend(q[:, :, s:s + chunk], k, v, scale=d ** -0.5), s)
-            for s in range(0, lq, chunk)]
+    chunk, groups = attention_chunk(h, k.shape[2], lq, q.dtype, b), base.head_groups(h)
+    if chunk >= lq:
+        return clock.run(name, lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5))
+    with blas_threads(1) if len(groups) > 1 else nullcontext():
+        outs = [clock.run(name, lambda s: base.chunk_attention(q, k, v, d ** -0.5, slice(s, s + chunk), groups), s)
+                for s in range(0, lq, chunk)]
     return mx.concatenate(outs, axis=2)
 
 
@@ -232,13 +238,11 @@ def run_variant(args) -> dict:
     model = wan.Model(cfg)
     mx.eval(model.parameters())
     check_profile(model)
-    tokens = f * h * w
-    with (buffer_cache() if args.variant == "after" else _nothing()):
+    tokens, after = f * h * w, args.variant == "after"
+    with kept_heap() if after else nullcontext(), buffer_cache() if after else nullcontext():
         chunk = chunk_profile(cfg, tokens)
-    gemm_flops, gemm_s = gemm_seconds(gemm_shapes(cfg, tokens) * args.layers)
-    clock = Clock()
-    cache = buffer_cache() if args.variant == "after" else _nothing()
-    with cache:
+        gemm_flops, gemm_s = gemm_seconds(gemm_shapes(cfg, tokens) * args.layers)
+        clock = Clock()
         forward(model, (1, 4, 5), Clock())  # compiles the elementwise kernels
         start = Clock.now()
         forward(model, (f, h, w), clock)
@@ -249,14 +253,6 @@ def run_variant(args) -> dict:
             "gemm_flops": gemm_flops, "gemm_seconds": gemm_s, "gemm_rate": gemm_flops / gemm_s,
             "fraction": gemm_s / float(total[0]), "sections": sections, "chunk": chunk, "load": os.getloadavg()[0],
             "device": str(mx.default_device()), "blas": os.environ.get("LD_PRELOAD", "")}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def show(r: dict) -> None:

@@ -7,9 +7,12 @@ in torch, on this machine; their ratio; and an estimate for an M-series GPU.
     python parity/bench_optimize.py --size 352x192 --form plain    # the U-Net's plain form on the CPU
     python parity/bench_optimize.py --quality 60,120 --size 128x96 --batch 4   # decomposition figures
 
-MLX and torch iterations take turns (after one warm-up each) and each
-side's median is reported, so that load from other processes weighs on both
-alike. ``--form``: the U-Net's form (``unet.REARRANGE``; default by device:
+MLX runs as ``optimize_layers`` runs it (``unet.running()``: glibc's heap
+kept for reuse, one OpenBLAS thread per batch part). torch runs twice: first
+as it runs by default (glibc's heap, which hands big buffers back to the
+kernel and takes them again as zeroed pages), then under the same kept heap,
+its iterations taking turns with MLX's (after one warm-up each) so that load
+from other processes weighs on both alike. Each side's median is reported. ``--form``: the U-Net's form (``unet.REARRANGE``; default by device:
 the rearranged form on the CPU); ``--parts``: the rearranged form's batch
 parts (``unet.PARTS``).
 
@@ -37,6 +40,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from mlx_omnimatte.memory import kept_heap  # noqa: E402
 from mlx_omnimatte.models import unet  # noqa: E402
 from mlx_omnimatte.pipelines import optimize as opt  # noqa: E402
 
@@ -65,8 +69,13 @@ def mlx_step(h, w, batch):
     m = mx.array((rng.random((1, batch, h, w, 1)) > 0.8).astype(np.float32))
     outside = mx.zeros((1, 1, 1, 1, 1))  # the reference: alpha pulled to 0 outside the mask
     args = (v, bg, m, outside, mx.array([0.2]), opt.step_weights(s, 0))
-    mx.eval(step(*args), nets.state)  # compile + warm-up
-    return lambda: mx.eval(step(*args), nets.state, adam.state)
+
+    def run():
+        with unet.running():  # as optimize_layers runs it
+            mx.eval(step(*args), nets.state, adam.state)
+
+    run()  # compile + warm-up
+    return run
 
 
 def torch_step(h, w, batch):
@@ -96,14 +105,18 @@ def seconds(steps: dict, iters: int) -> dict:
 
 
 def compare(w: int, h: int, batch: int, iters: int, with_torch: bool) -> None:
-    steps = {"MLX": mlx_step(h, w, batch)}
-    if with_torch:
-        steps["torch"] = torch_step(h, w, batch)
-    t = seconds(steps, iters)
+    t = {}
+    if with_torch:  # first: mallopt leaves glibc's dynamic thresholds off for the process
+        t["torch, glibc's default heap"] = seconds({"t": torch_step(h, w, batch)}, iters)["t"]
+    with kept_heap():
+        steps = {"MLX": mlx_step(h, w, batch)}
+        if with_torch:
+            steps["torch, heap kept as for MLX"] = torch_step(h, w, batch)
+        t.update(seconds(steps, iters))
     for k, v in t.items():
         print(f"{w}x{h}, batch {batch}: {k} {v:.3f} s/iteration ({1 / v:.2f} it/s)", flush=True)
-    if with_torch:
-        print(f"{w}x{h}, batch {batch}: MLX / torch time ratio {t['MLX'] / t['torch']:.2f}", flush=True)
+    for k in (k for k in t if k.startswith("torch")):
+        print(f"{w}x{h}, batch {batch}: MLX / torch ({k[7:]}) time ratio {t['MLX'] / t[k]:.2f}", flush=True)
 
 
 def quality(w: int, h: int, batch: int, counts: list[int], seed: int = 3, frames: int = 16) -> None:

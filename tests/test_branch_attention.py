@@ -1,5 +1,5 @@
 """Attention types A/B/C on slices equal a dense-mask reference; chunking
-changes nothing but memory."""
+changes nothing but memory, nor do the CPU's head-group streams."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,6 +7,8 @@ import pytest
 
 from mlx_omnimatte.branch.attention import branch_attention, check_mask_type, make_attn_fn
 from mlx_omnimatte.errors import OmnimatteError
+from mlx_omnimatte.models import base
+from mlx_omnimatte.models.base import head_groups, sdpa
 
 
 def dense_mask(n: int, mask_type: str) -> np.ndarray:
@@ -95,3 +97,26 @@ def test_chunking_bounds_memory():
     assert peaks["chunked"] <= scores / 4  # every device
     if mx.default_device() == mx.cpu:  # a fused kernel elsewhere need not hold the scores
         assert peaks["full"] >= scores
+
+
+def test_head_groups_split_the_heads_evenly_on_the_cpu_only():
+    if mx.default_device() == mx.cpu:
+        assert head_groups(12) == [slice(0, 6), slice(6, 12)]
+        assert head_groups(5) == [slice(0, 2), slice(2, 5)]
+    else:
+        assert head_groups(12) == [slice(0, 12)]
+    assert head_groups(1) == [slice(0, 1)]
+
+
+def test_chunked_attention_on_head_group_streams_equals_one_stream(monkeypatch):
+    """The CPU runs each chunk's head groups on their own streams (one BLAS
+    thread each): per head the same ops on the same rows, so the result is
+    one stream's up to the BLAS's summation order, and the whole kernel's."""
+    q, k, v = qkv(n=300, heads=4, d=32, batch=1)
+    budget = 4 * 600 * 8 * 50  # 50 query rows a chunk, the last one ragged
+    grouped = np.array(sdpa(q, k, v, budget_bytes=budget))
+    monkeypatch.setattr(base, "CPU_STREAMS", 1)
+    single = np.array(sdpa(q, k, v, budget_bytes=budget))
+    np.testing.assert_allclose(grouped, single, rtol=1e-6, atol=1e-6)
+    whole = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=32 ** -0.5))
+    np.testing.assert_allclose(grouped, whole, rtol=1e-5, atol=1e-6)

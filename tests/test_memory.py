@@ -1,4 +1,6 @@
-"""Query chunk sizes from a memory budget; peak reporting."""
+"""Query chunk sizes from a memory budget; peak reporting; the CPU heap and BLAS threads."""
+
+import ctypes
 
 import mlx.core as mx
 import pytest
@@ -73,3 +75,65 @@ def test_buffer_cache_keeps_freed_buffers_inside_only():
         assert mx.set_cache_limit(32 << 20) == 32 << 20
     finally:
         mx.set_cache_limit(before)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc():
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2") or mx.default_device() != mx.cpu:
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc's malloc on the CPU")
+def test_kept_heap_serves_big_blocks_from_the_heap_and_keeps_them_inside_only():
+    """glibc maps a 64 MiB block on its own and unmaps it when freed; inside
+    (nested blocks too) it comes from the heap, which stays that large once
+    freed; after, blocks are mapped again and the heap's unused top given back."""
+    libc, size = _glibc(), 64 << 20
+
+    def mapped_and_heap(n):
+        p = libc.malloc(n)
+        info = libc.mallinfo2()
+        libc.free(p)
+        return info.hblkhd, libc.mallinfo2().arena
+
+    base_mapped, _ = mapped_and_heap(0)
+    assert mapped_and_heap(size)[0] >= base_mapped + size
+    with M.kept_heap():
+        mapped, heap = mapped_and_heap(size)
+        assert mapped < base_mapped + size and heap >= size
+        with M.kept_heap():
+            pass
+        assert mapped_and_heap(size)[0] < base_mapped + size
+        assert libc.mallinfo2().arena >= size  # freed, kept
+    assert libc.mallinfo2().arena < heap - size // 2
+    assert mapped_and_heap(size)[0] >= base_mapped + size
+
+
+def _openblas():
+    try:
+        lib = ctypes.CDLL(None)
+        return lib if hasattr(lib, "openblas_get_num_threads") else None
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_openblas() is None, reason="OpenBLAS serving MLX's matmuls (scripts/test.sh preloads it)")
+def test_blas_threads_sets_openblas_within_the_block_only():
+    lib = _openblas()
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(2)
+    try:
+        with M.blas_threads(1):
+            assert lib.openblas_get_num_threads() == 1
+        assert lib.openblas_get_num_threads() == 2
+    finally:
+        lib.openblas_set_num_threads(before)

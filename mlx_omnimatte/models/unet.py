@@ -19,12 +19,14 @@ Height and width must be multiples of 32 (five halvings); callers pad.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..memory import CPU_STREAMS, blas_threads, kept_heap, streams
 from .base import BaseConfig
 
 KERNEL = 4
@@ -43,13 +45,21 @@ DOWNSAMPLE = 32  # 2 ** (number of stride-2 encoder blocks)
 # device (rearranged on the CPU, plain on a GPU, where it is fast); tests
 # force either.
 REARRANGE: bool | None = None
-PARTS = 2
-_STREAMS: dict[str, list] = {}  # per device: part k's stream (the first, the default stream)
+PARTS = CPU_STREAMS
 
 
 def rearranged() -> bool:
     """Whether the U-Net runs in its rearranged (CPU) form."""
     return mx.default_device() == mx.cpu if REARRANGE is None else REARRANGE
+
+
+@contextmanager
+def running():
+    """What the U-Net's training and inference run fastest within: the heap
+    kept for reuse (``memory.kept_heap``) and, with batch parts on their own
+    streams, one BLAS thread per stream (two cores, two streams)."""
+    with kept_heap(), blas_threads(1) if rearranged() and PARTS > 1 else nullcontext():
+        yield
 
 
 def batch_parts(x: mx.array) -> list[mx.array]:
@@ -62,12 +72,8 @@ def per_part(f, *parts: list) -> list:
     """``f`` of each part's arrays, part k on stream k."""
     if len(parts[0]) == 1:
         return [f(*args) for args in zip(*parts)]
-    device = mx.default_device()
-    streams = _STREAMS.setdefault(str(device), [mx.default_stream(device)])
-    while len(streams) < len(parts[0]):
-        streams.append(mx.new_stream(device))
     out = []
-    for stream, args in zip(streams, zip(*parts)):
+    for stream, args in zip(streams(len(parts[0])), zip(*parts)):
         with mx.stream(stream):
             out.append(f(*args))
     return out

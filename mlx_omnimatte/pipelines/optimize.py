@@ -39,7 +39,7 @@ from ..compositing import as_float, least_alpha, over
 from ..errors import OmnimatteError
 from ..io.compose import fit_frames
 from ..io.masks import dilate_mask
-from ..models.unet import DOWNSAMPLE, UNet, UNetConfig, init_weights
+from ..models.unet import DOWNSAMPLE, UNet, UNetConfig, init_weights, running
 
 Report = Callable[[str, int, "int | None", str], None]
 STAGE = "optimize"
@@ -393,8 +393,9 @@ def optimize_layers(video, background, masks: list, settings: OptimizeSettings |
     if settings.iterations < 0 or settings.batch_frames < 1:
         raise OmnimatteError("optimize: iterations must be >= 0 and batch frames >= 1")
     problem = make_problem(video, background, masks, settings)
-    nets = fit(problem, settings, report)
-    alpha, rgb = predict(nets, problem, settings.batch_frames)
+    with running():
+        nets = fit(problem, settings, report)
+        alpha, rgb = predict(nets, problem, settings.batch_frames)
     if settings.detail_transfer:
         source = video if detail_source is None else detail_source
         rgb = transfer_detail(alpha, rgb, source, [binary_mask(m) for m in masks], settings.detail_threshold)

@@ -23,7 +23,7 @@ from ..encoders.image import clip_features
 from ..encoders.text import encode_prompts
 from ..errors import OmnimatteError
 from ..io.inputs import Clip
-from ..memory import buffer_cache
+from ..memory import buffer_cache, kept_heap
 from ..progress import Report, stage
 from ..sampling import make_sampler, sample
 from ..removers import Remover
@@ -157,7 +157,7 @@ def denoise(window_velocity, latents, *, sampler, window: int, overlap: int, rep
                 cache.step_done(i, v)
             return v
 
-        with buffer_cache():
+        with buffer_cache(), kept_heap():
             return sample(velocity, latents, sampler, callback=lambda i, t: tick(_detail(detail["d"], cache)))
 
 
